@@ -1,0 +1,298 @@
+"""Configuration: pydantic models loaded from TOML, drop-ins, and command-line overrides.
+
+The main file is ``/etc/aiosd/aiosd.toml`` (or ``--config PATH``); every ``*.toml`` file in
+``<main file>.d/`` is merged over it in lexical order, table by table.  Unknown keys are
+reported as warnings naming file and key; invalid values raise :class:`ConfigError` naming
+file, key and reason, and the daemon refuses to start (exit code ``EXIT_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/aiosd/aiosd.toml")
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/aiosd")
+DEFAULT_RUNTIME_DIRECTORY = Path("/run/aiosd")
+SOCKET_NAME = "aiosd.sock"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonConfig(_Section):
+    """[daemon]: directories and logging."""
+
+    state_directory: str = ""
+    runtime_directory: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_target: Literal["auto", "journal", "stderr"] = "auto"
+
+
+class SocketConfig(_Section):
+    """[socket]: the Unix-socket JSON-RPC front-end."""
+
+    enabled: bool = True
+    path: str = ""
+    mode: Annotated[int, Field(ge=0, le=0o777)] = 0o666
+    max_frame_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 256
+    max_inflight_per_connection: Annotated[int, Field(ge=1, le=4096)] = 16
+
+
+class AccessConfig(_Section):
+    """[access]: who may use the daemon."""
+
+    admin_group: str = "aios-admin"
+    user_group: str = "aios"
+    open_to_all: bool = False
+
+
+class SchedulerConfig(_Section):
+    """[scheduler]: the LLM request queues."""
+
+    policy: Literal["priority"] = "priority"
+    queue_size: Annotated[int, Field(ge=1, le=100000)] = 64
+
+
+class ShutdownConfig(_Section):
+    """[shutdown]: seconds allowed for each stop stage."""
+
+    stop_accepting_timeout: Annotated[float, Field(gt=0, le=300)] = 2.0
+    drain_timeout: Annotated[float, Field(ge=0, le=300)] = 10.0
+    close_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+
+
+class LlamaCppModelConfig(_Section):
+    """[llm.models.NAME] with backend = "llamacpp": a GGUF file run in-process."""
+
+    backend: Literal["llamacpp"]
+    path: str = ""
+    n_ctx: Annotated[int, Field(ge=64, le=1 << 20)] = 2048
+    slots: Annotated[int, Field(ge=1, le=64)] = 2
+    threads: Annotated[int, Field(ge=0, le=1024)] = 0
+    max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512
+
+
+class OllamaModelConfig(_Section):
+    """[llm.models.NAME] with backend = "ollama": a model served by an Ollama server."""
+
+    backend: Literal["ollama"]
+    host: str = "http://127.0.0.1:11434"
+    model: str = ""
+    slots: Annotated[int, Field(ge=1, le=64)] = 1
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512
+
+    @field_validator("host")
+    @classmethod
+    def _host_scheme(cls, host: str) -> str:
+        if not host.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return host
+
+
+ModelConfig = Annotated[
+    Union[LlamaCppModelConfig, OllamaModelConfig], Field(discriminator="backend")
+]
+
+
+def _default_models() -> dict[str, LlamaCppModelConfig | OllamaModelConfig]:
+    return {"smollm2": LlamaCppModelConfig(backend="llamacpp")}
+
+
+class LlmConfig(_Section):
+    """[llm]: the named models and the default one."""
+
+    default_model: str = "smollm2"
+    models: dict[str, ModelConfig] = Field(default_factory=_default_models)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> LlmConfig:
+        if not self.models:
+            raise ValueError("at least one model must be configured under [llm.models.NAME]")
+        if self.default_model not in self.models:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not one of the configured models "
+                f"({', '.join(sorted(self.models))})"
+            )
+        return self
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    socket: SocketConfig = SocketConfig()
+    access: AccessConfig = AccessConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    llm: LlmConfig = LlmConfig()
+
+    def state_dir(self) -> Path:
+        """Configured state directory, else systemd's $STATE_DIRECTORY, else the default."""
+        return _directory(self.daemon.state_directory, "STATE_DIRECTORY", DEFAULT_STATE_DIRECTORY)
+
+    def runtime_dir(self) -> Path:
+        """Configured runtime directory, else $RUNTIME_DIRECTORY, else /run/aiosd."""
+        return _directory(
+            self.daemon.runtime_directory, "RUNTIME_DIRECTORY", DEFAULT_RUNTIME_DIRECTORY
+        )
+
+    def socket_path(self) -> Path:
+        """Where the JSON-RPC socket is bound when not socket-activated."""
+        return Path(self.socket.path) if self.socket.path else self.runtime_dir() / SOCKET_NAME
+
+
+def _directory(configured: str, env: str, default: Path) -> Path:
+    if configured:
+        return Path(configured)
+    value = os.environ.get(env, "")
+    if value:
+        # systemd passes a colon-separated list when several directories are configured.
+        return Path(value.split(":")[0])
+    return default
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; the message names file, key and reason."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        self.file, self.key, self.reason = file, key, reason
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {reason}")
+
+
+class LoadedConfig(BaseModel):
+    """A validated config plus what loading it noticed."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    config: Config
+    files: list[str]
+    warnings: list[str]
+
+
+def config_files(main: Path) -> list[Path]:
+    """The main file (when it exists) followed by its drop-ins in lexical order."""
+    files = [main] if main.exists() else []
+    dropin_dir = Path(str(main) + ".d")
+    if dropin_dir.is_dir():
+        files.extend(sorted(p for p in dropin_dir.glob("*.toml") if p.is_file()))
+    return files
+
+
+def load_config(main: Path = DEFAULT_CONFIG_PATH, *, required: bool = False) -> LoadedConfig:
+    """Load, merge and validate the configuration rooted at ``main``."""
+    if required and not main.exists():
+        raise ConfigError(str(main), "", "file does not exist")
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    files = config_files(main)
+    for path in files:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), "", f"not valid TOML: {exc}") from exc
+        _merge(merged, data, origin, str(path), "")
+    warnings: list[str] = []
+    cleaned = _strip_unknown(Config, merged, origin, "", warnings)
+    try:
+        config = Config.model_validate(cleaned)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
+        file = _origin_of(origin, key) or (str(files[-1]) if files else "<defaults>")
+        reason = first["msg"].removeprefix("Value error, ")
+        value = first.get("input")
+        if isinstance(value, (str, int, float, bool)) and first["type"] != "missing":
+            reason = f"{reason} (got {value!r})"
+        raise ConfigError(file, key, reason) from exc
+    return LoadedConfig(config=config, files=[str(p) for p in files], warnings=warnings)
+
+
+def _is_union_tag(part: object) -> bool:
+    return part in ("llamacpp", "ollama")
+
+
+def _merge(
+    into: dict[str, Any], data: dict[str, Any], origin: dict[str, str], file: str, prefix: str
+) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, file, dotted + ".")
+        else:
+            into[key] = value
+            _mark(value, origin, file, dotted)
+
+
+def _mark(value: Any, origin: dict[str, str], file: str, dotted: str) -> None:
+    origin[dotted] = file
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _mark(sub, origin, file, f"{dotted}.{key}")
+
+
+def _origin_of(origin: dict[str, str], key: str) -> str | None:
+    while key:
+        if key in origin:
+            return origin[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _strip_unknown(
+    model: type[BaseModel],
+    data: Any,
+    origin: dict[str, str],
+    prefix: str,
+    warnings: list[str],
+) -> Any:
+    """Drop keys the model does not know, recording a warning naming each one."""
+    if not isinstance(data, dict):
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            warnings.append(f"{_origin_of(origin, dotted) or '<config>'}: unknown key {dotted!r} ignored")
+            continue
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            out[key] = _strip_unknown(sub, value, origin, dotted + ".", warnings)
+        elif model is LlmConfig and key == "models" and isinstance(value, dict):
+            out[key] = {
+                name: _strip_unknown(_model_class(entry), entry, origin, f"{dotted}.{name}.", warnings)
+                for name, entry in value.items()
+            }
+        else:
+            out[key] = value
+    return out
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, _Section):
+        return annotation
+    return None
+
+
+def _model_class(entry: Any) -> type[BaseModel]:
+    backend = entry.get("backend") if isinstance(entry, dict) else None
+    return OllamaModelConfig if backend == "ollama" else LlamaCppModelConfig

@@ -1,0 +1,159 @@
+"""The one error tree of aiosd.
+
+Every error a client can see is an :class:`AiosError` subclass.  Each class states its
+JSON-RPC code and its D-Bus error name once, here; the transports map errors through
+:func:`error_for_code` and the class attributes and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DBUS_ERROR_PREFIX = "org.aiosd.Daemon1.Error."
+
+
+class AiosError(Exception):
+    """Root of every error a client may receive."""
+
+    rpc_code: int = -32000
+    dbus_name: str = DBUS_ERROR_PREFIX + "Failed"
+
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data: dict[str, Any] = data or {}
+
+    def to_rpc(self) -> dict[str, Any]:
+        """The JSON-RPC ``error`` member for this error."""
+        err: dict[str, Any] = {"code": self.rpc_code, "message": self.message}
+        if self.data:
+            err["data"] = self.data
+        return err
+
+
+class ParseError(AiosError):
+    """The frame is not valid JSON."""
+
+    rpc_code = -32700
+    dbus_name = DBUS_ERROR_PREFIX + "ParseError"
+
+
+class InvalidRequest(AiosError):
+    """The frame is JSON but not a JSON-RPC 2.0 request."""
+
+    rpc_code = -32600
+    dbus_name = DBUS_ERROR_PREFIX + "InvalidRequest"
+
+
+class MethodNotFound(AiosError):
+    """No syscall has this name."""
+
+    rpc_code = -32601
+    dbus_name = DBUS_ERROR_PREFIX + "UnknownMethod"
+
+
+class InvalidParams(AiosError):
+    """The parameters do not validate; ``data.errors`` names each field path."""
+
+    rpc_code = -32602
+    dbus_name = DBUS_ERROR_PREFIX + "InvalidArgs"
+
+
+class InternalError(AiosError):
+    """An unexpected failure inside the daemon; details are in the daemon's log only."""
+
+    rpc_code = -32603
+    dbus_name = DBUS_ERROR_PREFIX + "Internal"
+
+
+class PermissionDenied(AiosError):
+    """The caller's Unix identity does not allow this syscall."""
+
+    rpc_code = -32001
+    dbus_name = DBUS_ERROR_PREFIX + "PermissionDenied"
+
+
+class Busy(AiosError):
+    """A queue is full; ``data.queue_length`` and ``data.limit`` say how full."""
+
+    rpc_code = -32002
+    dbus_name = DBUS_ERROR_PREFIX + "Busy"
+
+
+class ContextTooLong(AiosError):
+    """The prompt does not fit the model's context; ``data`` names both sizes."""
+
+    rpc_code = -32003
+    dbus_name = DBUS_ERROR_PREFIX + "ContextTooLong"
+
+
+class ModelNotFound(AiosError):
+    """No configured model (or no model on the backend server) has this name."""
+
+    rpc_code = -32004
+    dbus_name = DBUS_ERROR_PREFIX + "ModelNotFound"
+
+
+class BackendUnavailable(AiosError):
+    """The model's backend cannot be reached or failed."""
+
+    rpc_code = -32005
+    dbus_name = DBUS_ERROR_PREFIX + "BackendUnavailable"
+
+
+class Cancelled(AiosError):
+    """The request was cancelled (client gone, or daemon stopping)."""
+
+    rpc_code = -32006
+    dbus_name = DBUS_ERROR_PREFIX + "Cancelled"
+
+
+class FrameTooLarge(AiosError):
+    """A frame exceeded the configured maximum size; the connection is closed after it."""
+
+    rpc_code = -32007
+    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+
+
+class TooManyRequests(AiosError):
+    """The connection already has the maximum number of requests in flight."""
+
+    rpc_code = -32008
+    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+
+
+class TooManyConnections(AiosError):
+    """The daemon already serves the maximum number of connections."""
+
+    rpc_code = -32009
+    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+
+
+class ShuttingDown(AiosError):
+    """The daemon is stopping and takes no new work."""
+
+    rpc_code = -32010
+    dbus_name = DBUS_ERROR_PREFIX + "ShuttingDown"
+
+
+class NotSupported(AiosError):
+    """The chosen model's backend cannot do what was asked (e.g. tools)."""
+
+    rpc_code = -32011
+    dbus_name = DBUS_ERROR_PREFIX + "NotSupported"
+
+
+def _all_subclasses(cls: type[AiosError]) -> list[type[AiosError]]:
+    out: list[type[AiosError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_for_code(code: int, message: str, data: dict[str, Any] | None = None) -> AiosError:
+    """Rebuild the error class a JSON-RPC error code stands for (used by clients)."""
+    for cls in _all_subclasses(AiosError):
+        if cls.rpc_code == code:
+            return cls(message, data=data)
+    return AiosError(message, data=data)

@@ -1,0 +1,1 @@
+"""The kernel: syscall table, dispatch, scheduler, agents and LLM backends."""

@@ -1,0 +1,1 @@
+"""LLM backends: one class per kind of model server, all behind :class:`Backend`."""

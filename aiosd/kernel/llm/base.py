@@ -1,0 +1,77 @@
+"""The backend protocol every LLM backend implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One generation, as the scheduler hands it to a backend.
+
+    ``messages`` are dicts with ``role`` and ``content`` (and, for tool use, ``tool_calls``
+    or ``tool_name``), in the shape of the ``llm.chat`` syscall.
+    """
+
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    seed: int | None = None
+    response_schema: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed answer; the last one has ``done`` set and the counts filled."""
+
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``llm.models`` reports of one configured model."""
+
+    name: str
+    backend: str
+    slots: int
+    context_length: int | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A configured model: loads or connects on ``start``, generates on ``chat``.
+
+    ``chat`` is called by the scheduler with a slot index in ``range(slots)``; the scheduler
+    guarantees that no two generations use the same slot at once.  Cancelling the iterator
+    (closing it, or cancelling the task that drives it) must stop the generation promptly
+    and release everything the slot holds before ``aclose`` returns.
+    """
+
+    def __init__(self, name: str, slots: int) -> None:
+        self.name = name
+        self.slots = slots
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model or check the server; raise AiosError if it cannot be used."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release everything; called once at shutdown."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Describe the model for ``llm.models`` and ``system.status``."""
+
+    @abc.abstractmethod
+    def chat(self, request: ChatRequest, slot: int) -> AsyncIterator[ChatChunk]:
+        """Generate an answer, yielding chunks; the final chunk has ``done=True``."""
