@@ -50,7 +50,8 @@ class ModelInfo:
 class Backend(abc.ABC):
     """A configured model: loads or connects on ``start``, generates on ``chat``.
 
-    ``chat`` is called by the scheduler with a slot index in ``range(slots)``; the scheduler
+    ``prepare`` runs before the request queues (so a prompt that cannot fit is refused at
+    once); ``chat`` receives what it returned and is called by the scheduler with a slot index in ``range(slots)``; the scheduler
     guarantees that no two generations use the same slot at once.  Cancelling the iterator
     (closing it, or cancelling the task that drives it) must stop the generation promptly
     and release everything the slot holds before ``aclose`` returns.
@@ -72,6 +73,10 @@ class Backend(abc.ABC):
     def info(self) -> ModelInfo:
         """Describe the model for ``llm.models`` and ``system.status``."""
 
+    async def prepare(self, request: ChatRequest) -> Any:
+        """Check and convert a request before it queues; errors here cost no slot."""
+        return request
+
     @abc.abstractmethod
-    def chat(self, request: ChatRequest, slot: int) -> AsyncIterator[ChatChunk]:
-        """Generate an answer, yielding chunks; the final chunk has ``done=True``."""
+    def chat(self, request: Any, slot: int) -> AsyncIterator[ChatChunk]:
+        """Generate an answer to a prepared request, yielding chunks; the last has ``done``."""

@@ -1,0 +1,1 @@
+"""Front-ends: thin transports from the outside world to ``Kernel.dispatch``."""

@@ -1,0 +1,1 @@
+"""The Unix-socket JSON-RPC 2.0 front-end."""

@@ -1,0 +1,1 @@
+"""aiosctl, the command line of aiosd."""

@@ -1,0 +1,238 @@
+"""aiosctl — control and use aiosd from the command line (built on aiosd.sdk)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiosd import __version__
+from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
+from aiosd.kernel.scheduler import Priority
+from aiosd.kernel.syscalls import SYSCALLS
+from aiosd.sdk.client import Client, DaemonUnreachable, default_socket
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_DATAERR = 65  # the daemon rejected the request's parameters
+EXIT_UNAVAILABLE = 69  # the daemon cannot be reached
+EXIT_TEMPFAIL = 75  # the daemon is busy (queue full); try again later
+EXIT_NOPERM = 77  # permission denied
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "the daemon returned an error",
+    EXIT_USAGE: "usage error",
+    EXIT_DATAERR: "invalid parameters",
+    EXIT_UNAVAILABLE: "the daemon cannot be reached",
+    EXIT_TEMPFAIL: "the daemon is busy; try again later",
+    EXIT_NOPERM: "permission denied",
+}
+
+
+def _syscall_help() -> str:
+    width = max(len(n) for n in SYSCALLS)
+    lines = [f"  {name:<{width}}  {s.summary}" for name, s in SYSCALLS.items()]
+    return "syscalls (for 'aiosctl call'):\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The aiosctl command line (see aiosctl(1))."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help=f"daemon socket (default $AIOSD_SOCKET or {default_socket()})",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON results"
+    )
+    exits = "\n".join(f"  {code:<3} {text}" for code, text in EXIT_CODES.items())
+    ap = argparse.ArgumentParser(
+        prog="aiosctl",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Control and use the aiosd LLM agent operating system daemon.",
+        epilog=f"{_syscall_help()}\n\nexit status:\n{exits}",
+    )
+    ap.add_argument("--version", action="version", version=f"aiosctl {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("status", parents=[common], help="show version, uptime, models, queue")
+    sub.add_parser("models", parents=[common], help="list the configured models")
+    sub.add_parser("queue", parents=[common], help="show running and waiting LLM requests")
+    ask = sub.add_parser(
+        "ask", parents=[common], help="ask a model; the answer streams token by token"
+    )
+    ask.add_argument("prompt", nargs="+", help="the question (words are joined by spaces)")
+    ask.add_argument("--model", help="configured model name (default: the daemon's default)")
+    ask.add_argument("--system", help="a system message to put first")
+    ask.add_argument("--max-tokens", type=int, help="upper bound on generated tokens")
+    ask.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)")
+    ask.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+    ask.add_argument(
+        "--priority", choices=[p.value for p in Priority], help="scheduling class (default normal)"
+    )
+    ask.add_argument(
+        "--schema", help="JSON schema the answer must follow: inline JSON or @FILE"
+    )
+    ask.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    call = sub.add_parser("call", parents=[common], help="make any syscall with JSON params")
+    call.add_argument("method", choices=list(SYSCALLS), metavar="SYSCALL")
+    call.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
+    return ap
+
+
+def _load_json(text: str, what: str) -> Any:
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise UsageError(f"{what}: cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: not valid JSON: {exc}") from None
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing."""
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    """aiosctl status."""
+    st = client.call("system.status")
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    print(f"aiosd {st['version']} — {st['state']}, pid {st['pid']}, up {st['uptime_s']:.0f}s")
+    print(f"models:      {', '.join(st['models'])} (default {st['default_model']})")
+    print(f"queue:       {st['running']} running, {st['waiting']} waiting")
+    print(f"connections: {st['connections']}")
+    print(f"you:         uid {st['caller_uid']}, role {st['caller_role']}")
+    return EXIT_OK
+
+
+def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    """aiosctl models."""
+    res = client.call("llm.models")
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    print(f"{'NAME':<20} {'BACKEND':<9} {'SLOTS':>5} {'CONTEXT':>8}  DEFAULT")
+    for m in res["models"]:
+        ctx = m["context_length"] if m["context_length"] is not None else "-"
+        print(
+            f"{m['name']:<20} {m['backend']:<9} {m['slots']:>5} {ctx:>8}  "
+            f"{'yes' if m['default'] else ''}"
+        )
+    return EXIT_OK
+
+
+def cmd_queue(client: Client, args: argparse.Namespace) -> int:
+    """aiosctl queue."""
+    res = client.call("system.queue")
+    if args.json:
+        _print_json(res)
+        return EXIT_OK
+    for q in res["models"]:
+        print(f"{q['model']}: {len(q['running'])}/{q['slots']} slots busy, "
+              f"{len(q['waiting'])} waiting, {q['served']} served")
+        for r in q["running"]:
+            print(f"  running  #{r['request_id']:<6} uid {r['uid']:<6} {r['priority']:<11} "
+                  f"slot {r['slot']}  {r['running_ms']:.0f} ms")
+        for w in q["waiting"]:
+            print(f"  {w['position']:>7}. #{w['request_id']:<6} uid {w['uid']:<6} "
+                  f"{w['priority']:<11} waited {w['waited_ms']:.0f} ms")
+    return EXIT_OK
+
+
+def cmd_ask(client: Client, args: argparse.Namespace) -> int:
+    """aiosctl ask."""
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": " ".join(args.prompt)})
+    params: dict[str, Any] = {"messages": messages}
+    for key in ("model", "max_tokens", "temperature", "seed", "priority"):
+        value = getattr(args, key)
+        if value is not None:
+            params[key] = value
+    if args.schema:
+        params["response_schema"] = _load_json(args.schema, "--schema")
+    if args.json or args.no_stream:
+        result = client.call("llm.chat", params)
+        if args.json:
+            _print_json(result)
+        else:
+            print(result["message"]["content"])
+        return EXIT_OK
+    params["stream"] = True
+    for note in client.stream("llm.chat", params):
+        sys.stdout.write(note.get("content", ""))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    result = client.last_result
+    if result and result.get("finish_reason") == "length":
+        print("aiosctl: (answer cut at --max-tokens or the model's limit)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_call(client: Client, args: argparse.Namespace) -> int:
+    """aiosctl call SYSCALL [JSON]."""
+    params = _load_json(args.params, "params")
+    if not isinstance(params, dict):
+        raise UsageError("params: must be a JSON object")
+    if SYSCALLS[args.method].streams and params.get("stream"):
+        for note in client.stream(args.method, params):
+            print(json.dumps(note, ensure_ascii=False))
+        _print_json(client.last_result)
+    else:
+        _print_json(client.call(args.method, params))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "status": cmd_status,
+    "models": cmd_models,
+    "queue": cmd_queue,
+    "ask": cmd_ask,
+    "call": cmd_call,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aiosctl`` command."""
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    path = getattr(args, "socket", None) or default_socket()
+    try:
+        with Client(path) as client:
+            return COMMANDS[args.command](client, args)
+    except UsageError as exc:
+        print(f"aiosctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DaemonUnreachable as exc:
+        print(f"aiosctl: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AiosError as exc:
+        print(f"aiosctl: {exc.message}", file=sys.stderr)
+        if isinstance(exc, PermissionDenied):
+            return EXIT_NOPERM
+        if isinstance(exc, Busy):
+            return EXIT_TEMPFAIL
+        if isinstance(exc, InvalidParams):
+            return EXIT_DATAERR
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK

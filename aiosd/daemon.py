@@ -1,0 +1,227 @@
+"""aiosd lifecycle: config → logging → Kernel → front-ends → READY=1; staged stop; reload.
+
+Exit codes: 0 clean stop; 1 failure while running or starting; 2 usage error;
+78 (EX_CONFIG) the configuration is invalid (``aiosd.service`` does not restart on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiosd import __version__, sd
+from aiosd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, LoadedConfig, load_config
+from aiosd.errors import AiosError
+
+log = logging.getLogger("aiosd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The daemon's command line (see aiosd(8))."""
+    ap = argparse.ArgumentParser(
+        prog="aiosd",
+        description="aiosd — LLM agent operating system daemon. Runs in the foreground; "
+        "systemd starts it as aiosd.service.",
+        epilog="Exit status: 0 stopped cleanly; 1 failed; 2 usage error; "
+        "78 invalid configuration.",
+    )
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"main configuration file (default {DEFAULT_CONFIG_PATH}; drop-ins in PATH.d/)",
+    )
+    ap.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print warnings and the effective file list, and exit",
+    )
+    ap.add_argument("--socket", type=Path, metavar="PATH", help="bind this socket path instead")
+    ap.add_argument(
+        "--no-socket", action="store_true", help="run without the Unix-socket front-end"
+    )
+    ap.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override daemon.log_level"
+    )
+    ap.add_argument("--version", action="version", version=f"aiosd {__version__}")
+    return ap.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> LoadedConfig:
+    """Load the configuration the command line points at."""
+    path = args.config or DEFAULT_CONFIG_PATH
+    return load_config(path, required=args.config is not None)
+
+
+def setup_logging(config: Config, override: str | None) -> None:
+    """journald with structured fields when it runs, else stderr."""
+    level = getattr(logging, (override or config.daemon.log_level).upper())
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    target = config.daemon.log_target
+    use_journal = sd.journal_available() and (
+        target == "journal" or (target == "auto" and sd.stderr_is_journal())
+    )
+    handler: logging.Handler
+    if use_journal:
+        from systemd.journal import JournalHandler
+
+        handler = JournalHandler(SYSLOG_IDENTIFIER="aiosd")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class Daemon:
+    """One run of the daemon, from start to staged stop."""
+
+    def __init__(self, args: argparse.Namespace, loaded: LoadedConfig) -> None:
+        from aiosd.kernel.kernel import Kernel
+
+        self.args = args
+        self.config = loaded.config
+        self.kernel = Kernel(self.config)
+        self.socket_server = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self) -> int:
+        """Start, notify READY, serve until SIGTERM/SIGINT, then stop in stages."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        sd.notify("STATUS=loading models")
+        await self.kernel.start()
+        await self._start_socket()
+        sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
+        self._announce()
+        interval = sd.watchdog_interval()
+        if interval:
+            self._spawn(self._watchdog(interval))
+        self._spawn(self._status_updates())
+        await self._stop.wait()
+        await self.stop()
+        return EXIT_OK
+
+    async def _start_socket(self) -> None:
+        if self.args.no_socket or not self.config.socket.enabled:
+            log.info("socket front-end disabled")
+            return
+        from aiosd.api.socket.server import SocketServer
+
+        path = self.args.socket or self.config.socket_path()
+        self.socket_server = SocketServer(self.kernel, self.config.socket, path)
+        await self.socket_server.start(None if self.args.socket else sd.listen_socket())
+        await self.socket_server.self_check()
+
+    def _announce(self) -> None:
+        if self.socket_server is not None:
+            path = self.socket_server.path
+            default = self.config.socket_path() == path and str(path) == "/run/aiosd/aiosd.sock"
+            hint = "aiosctl" if default else f"aiosctl --socket {path}"
+            log.info("ready: socket %s — try: %s ask \"Name three Linux init systems\"", path, hint)
+        else:
+            log.info("ready (no front-end)")
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a blocked loop misses pings and systemd notices.
+        while True:
+            sd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _status_updates(self) -> None:
+        last = ""
+        while True:
+            await asyncio.sleep(5)
+            line = self.kernel.status_line()
+            if line != last:
+                sd.notify(f"STATUS={line}")
+                last = line
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply what can change live."""
+        sd.notify(*sd.reloading_fields())
+        try:
+            loaded = load(self.args)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+        else:
+            for warning in loaded.warnings:
+                log.warning("%s", warning)
+            setup_logging(loaded.config, self.args.log_level)
+            needs_restart = await self.kernel.reload(loaded.config)
+            if needs_restart:
+                log.warning(
+                    "reloaded; changes to [%s] take effect after a restart",
+                    "], [".join(needs_restart),
+                )
+            else:
+                log.info("configuration reloaded")
+            self.config = loaded.config
+        sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
+
+    async def stop(self) -> None:
+        """Staged stop: stop accepting, drain or cancel generations, close; each with a timeout."""
+        cfg = self.config.shutdown
+        sd.notify("STOPPING=1", "STATUS=stopping")
+        log.info("stopping")
+        for task in list(self._tasks):
+            task.cancel()
+        if self.socket_server is not None:
+            await self.socket_server.stop_accepting(cfg.stop_accepting_timeout)
+        await self.kernel.stop(cfg.drain_timeout, cfg.close_timeout)
+        if self.socket_server is not None:
+            try:
+                await asyncio.wait_for(self.socket_server.close(), timeout=cfg.close_timeout)
+            except asyncio.TimeoutError:
+                log.warning("connections did not close within %.1fs", cfg.close_timeout)
+        log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aiosd`` command."""
+    args = parse_args(argv)
+    try:
+        loaded = load(args)
+    except ConfigError as exc:
+        print(f"aiosd: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        for warning in loaded.warnings:
+            print(f"aiosd: warning: {warning}", file=sys.stderr)
+        files = ", ".join(loaded.files) or "none (built-in defaults)"
+        print(f"configuration OK; files: {files}")
+        return EXIT_OK
+    setup_logging(loaded.config, args.log_level)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    try:
+        return asyncio.run(Daemon(args, loaded).run())
+    except AiosError as exc:
+        log.error("cannot start: %s", exc.message)
+        sd.notify(f"STATUS=failed: {exc.message}")
+        return EXIT_FAILURE
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        sd.notify(f"STATUS=failed: {exc}")
+        return EXIT_FAILURE

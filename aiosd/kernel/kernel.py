@@ -1,0 +1,256 @@
+"""The kernel: owns the managers, the scheduler and the models; runs with no front-end at all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Literal
+
+from aiosd import __version__
+from aiosd.config import Config, LlamaCppModelConfig, OllamaModelConfig
+from aiosd.errors import AiosError, Cancelled, ModelNotFound, ShuttingDown
+from aiosd.kernel import dispatch as _dispatch
+from aiosd.kernel.llm.base import Backend, ChatRequest
+from aiosd.kernel.scheduler import Scheduler
+from aiosd.kernel.syscalls import (
+    ChatParams,
+    ChatResult,
+    Emit,
+    Message,
+    ModelEntry,
+    ModelsResult,
+    QueueModel,
+    QueueResult,
+    StatusResult,
+    ToolCall,
+    Timings,
+    Usage,
+)
+from aiosd.managers.access import AccessManager, Caller
+
+log = logging.getLogger(__name__)
+
+State = Literal["starting", "running", "reloading", "stopping"]
+
+
+def build_backend(name: str, cfg: LlamaCppModelConfig | OllamaModelConfig) -> Backend:
+    """Create the backend a model's config asks for (imported lazily: each pulls a library)."""
+    if isinstance(cfg, LlamaCppModelConfig):
+        from aiosd.kernel.llm.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(name, cfg)
+    from aiosd.kernel.llm.ollama import OllamaBackend
+
+    return OllamaBackend(name, cfg)
+
+
+class Kernel:
+    """Everything the daemon does, reachable through :meth:`dispatch`."""
+
+    def __init__(self, config: Config, *, backends: dict[str, Backend] | None = None) -> None:
+        self.config = config
+        self.access = AccessManager(config.access)
+        self.scheduler = Scheduler(config.scheduler.queue_size)
+        self.backends: dict[str, Backend] = (
+            backends
+            if backends is not None
+            else {name: build_backend(name, m) for name, m in config.llm.models.items()}
+        )
+        self.state: State = "starting"
+        self.started_at = time.monotonic()
+        self.connections = 0
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load or connect every model; the kernel is usable when this returns."""
+        for name, backend in self.backends.items():
+            await backend.start()
+            self.scheduler.add_model(name, backend.slots)
+        self.state = "running"
+
+    async def reload(self, config: Config) -> list[str]:
+        """Apply a new config where it can be applied live; return what needs a restart."""
+        self.state = "reloading"
+        try:
+            needs_restart = [
+                section
+                for section in ("socket", "llm")
+                if getattr(config, section) != getattr(self.config, section)
+            ]
+            if (config.daemon.state_directory, config.daemon.runtime_directory) != (
+                self.config.daemon.state_directory,
+                self.config.daemon.runtime_directory,
+            ):
+                needs_restart.append("daemon")
+            self.access.configure(config.access)
+            self.scheduler.set_queue_size(config.scheduler.queue_size)
+            self.config = config
+            return needs_restart
+        finally:
+            self.state = "running"
+
+    async def stop(self, drain_timeout: float, close_timeout: float) -> None:
+        """Refuse new work, let running generations finish for ``drain_timeout``, then cancel."""
+        self.state = "stopping"
+        self.scheduler.close()
+        pending = {t for t in self._inflight if not t.done()}
+        if pending:
+            log.info("waiting up to %.1fs for %d request(s) to finish", drain_timeout, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=drain_timeout or None)
+        if pending:
+            log.warning("cancelling %d request(s) still running", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=close_timeout)
+        for backend in self.backends.values():
+            try:
+                await asyncio.wait_for(backend.close(), timeout=close_timeout)
+            except (asyncio.TimeoutError, Exception):
+                log.exception("closing model %s failed", backend.name)
+
+    # --- the one entry point ------------------------------------------------------------------
+
+    async def dispatch(
+        self, name: str, params: Any, caller: Caller, emit: Emit | None = None
+    ) -> dict[str, Any]:
+        """Validate, authorize, route and audit one syscall (see kernel/dispatch.py)."""
+        if self.state == "stopping":
+            raise ShuttingDown("the daemon is stopping and takes no new requests")
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            return await _dispatch.dispatch(self, name, params, caller, emit)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    # --- syscall implementations (routed here by the table) ----------------------------------
+
+    def backend(self, model: str | None) -> Backend:
+        """The backend of a configured model (None: the default model)."""
+        name = model or self.config.llm.default_model
+        backend = self.backends.get(name)
+        if backend is None:
+            raise ModelNotFound(
+                f"no model named {name!r} is configured (configured: "
+                f"{', '.join(sorted(self.backends))})",
+                data={"model": name, "models": sorted(self.backends)},
+            )
+        return backend
+
+    async def llm_chat(self, p: ChatParams, caller: Caller, emit: Emit | None) -> ChatResult:
+        """Queue a generation on the scheduler, run it on a slot, stream or collect it."""
+        backend = self.backend(p.model)
+        request = ChatRequest(
+            messages=[m.model_dump(exclude_none=True) for m in p.messages],
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            seed=p.seed,
+            response_schema=p.response_schema,
+            tools=[t.model_dump() for t in p.tools] if p.tools else None,
+        )
+        prepared = await backend.prepare(request)
+        t0 = time.monotonic()
+        parts: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        first_token: float | None = None
+        final = None
+        async with self.scheduler.slot(backend.name, caller.uid, caller.pid, p.priority) as ticket:
+            started = time.monotonic()
+            seq = 0
+            async with contextlib.aclosing(backend.chat(prepared, ticket.slot or 0)) as chunks:
+                async for chunk in chunks:
+                    if chunk.done:
+                        final = chunk
+                        break
+                    if first_token is None and (chunk.content or chunk.tool_calls):
+                        first_token = time.monotonic()
+                    parts.append(chunk.content)
+                    tool_calls.extend(chunk.tool_calls)
+                    if emit is not None and (chunk.content or chunk.tool_calls):
+                        note: dict[str, Any] = {"seq": seq, "content": chunk.content}
+                        if chunk.tool_calls:
+                            note["tool_calls"] = chunk.tool_calls
+                        await emit(note)
+                        seq += 1
+        if final is None:
+            raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
+        end = time.monotonic()
+        return ChatResult(
+            request_id=ticket.id,
+            model=backend.name,
+            message=Message(
+                role="assistant",
+                content="".join(parts),
+                tool_calls=[ToolCall(**c) for c in tool_calls] or None,
+            ),
+            finish_reason=final.finish_reason,
+            usage=Usage(
+                prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens
+            ),
+            timings=Timings(
+                queued_ms=round((started - t0) * 1000, 2),
+                first_token_ms=round((first_token - t0) * 1000, 2) if first_token else None,
+                total_ms=round((end - t0) * 1000, 2),
+            ),
+        )
+
+    def llm_models(self) -> ModelsResult:
+        """Describe every configured model."""
+        default = self.config.llm.default_model
+        entries = []
+        for name, backend in self.backends.items():
+            info = backend.info()
+            entries.append(
+                ModelEntry(
+                    name=name,
+                    backend=info.backend,
+                    slots=info.slots,
+                    context_length=info.context_length,
+                    default=name == default,
+                    detail=info.detail,
+                )
+            )
+        return ModelsResult(default=default, models=entries)
+
+    def system_status(self, caller: Caller) -> StatusResult:
+        """Version, uptime, models and queue totals."""
+        view = self.scheduler.view()
+        return StatusResult(
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self.started_at, 3),
+            state=self.state,
+            models=list(self.backends),
+            default_model=self.config.llm.default_model,
+            running=sum(len(v["running"]) for v in view.values()),  # type: ignore[arg-type]
+            waiting=sum(len(v["waiting"]) for v in view.values()),  # type: ignore[arg-type]
+            connections=self.connections,
+            caller_uid=caller.uid,
+            caller_role=self.access.role(caller).value,
+        )
+
+    def system_queue(self) -> QueueResult:
+        """Running and waiting requests per model."""
+        return QueueResult(
+            models=[QueueModel(model=name, **v) for name, v in self.scheduler.view().items()]  # type: ignore[arg-type]
+        )
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        view = self.scheduler.view()
+        running = sum(len(v["running"]) for v in view.values())  # type: ignore[arg-type]
+        waiting = sum(len(v["waiting"]) for v in view.values())  # type: ignore[arg-type]
+        return (
+            f"{len(self.backends)} model(s), {running} running, {waiting} waiting, "
+            f"{self.connections} connection(s)"
+        )
+
+
+__all__ = ["Kernel", "AiosError"]

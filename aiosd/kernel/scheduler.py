@@ -1,0 +1,202 @@
+"""LLM request scheduler, v1: one bounded queue per model, priority classes, N slots.
+
+Requests wait in priority-then-arrival order (interactive before normal before batch, FIFO
+within a class).  Each model has ``slots`` parallel generations; a request holds one slot
+from the moment it starts until its generation has fully stopped.  A full queue turns away
+the newest request of the lowest class present (which may be the newcomer) with
+:class:`~aiosd.errors.Busy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+
+from aiosd.errors import Busy, ModelNotFound, ShuttingDown
+
+
+class Priority(str, Enum):
+    """Priority classes, best first."""
+
+    interactive = "interactive"
+    normal = "normal"
+    batch = "batch"
+
+    @property
+    def rank(self) -> int:
+        """0 for the most urgent class."""
+        return _RANK[self]
+
+
+_RANK = {Priority.interactive: 0, Priority.normal: 1, Priority.batch: 2}
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One LLM request's place in a model's queue, then its slot."""
+
+    id: int
+    model: str
+    uid: int
+    pid: int
+    priority: Priority
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    slot: int | None = None
+    future: asyncio.Future[int] | None = None
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Priority class first, then arrival."""
+        return (self.priority.rank, self.id)
+
+
+@dataclass
+class _ModelQueue:
+    slots: int
+    free: list[int]
+    waiting: list[Ticket] = field(default_factory=list)
+    running: dict[int, Ticket] = field(default_factory=dict)
+    served: int = 0
+
+
+class Scheduler:
+    """Queues and slots for every configured model."""
+
+    def __init__(self, queue_size: int) -> None:
+        self.queue_size = queue_size
+        self._queues: dict[str, _ModelQueue] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def add_model(self, name: str, slots: int) -> None:
+        """Give a model its queue and ``slots`` generation slots."""
+        self._queues[name] = _ModelQueue(slots=slots, free=list(range(slots)))
+
+    @asynccontextmanager
+    async def slot(
+        self, model: str, uid: int, pid: int, priority: Priority
+    ) -> AsyncIterator[Ticket]:
+        """Wait for a slot of ``model``; hold it for the body of the ``async with``."""
+        ticket = await self._acquire(model, uid, pid, priority)
+        try:
+            yield ticket
+        finally:
+            self._release(ticket)
+
+    async def _acquire(self, model: str, uid: int, pid: int, priority: Priority) -> Ticket:
+        if self._closed:
+            raise ShuttingDown("the daemon is stopping and takes no new requests")
+        q = self._queues.get(model)
+        if q is None:
+            raise ModelNotFound(f"no model named {model!r} is configured")
+        ticket = Ticket(id=next(self._ids), model=model, uid=uid, pid=pid, priority=priority)
+        if not q.waiting and q.free:
+            self._start(q, ticket, q.free.pop(0))
+            return ticket
+        if len(q.waiting) >= self.queue_size:
+            self._make_room(q, ticket)
+        ticket.future = asyncio.get_running_loop().create_future()
+        keys = [t.sort_key for t in q.waiting]
+        q.waiting.insert(bisect.bisect(keys, ticket.sort_key), ticket)
+        try:
+            await ticket.future
+        except asyncio.CancelledError:
+            if ticket in q.waiting:
+                q.waiting.remove(ticket)
+            elif ticket.slot is not None:
+                # Granted in the same tick we were cancelled: give the slot back.
+                self._release(ticket)
+            raise
+        return ticket
+
+    def _make_room(self, q: _ModelQueue, newcomer: Ticket) -> None:
+        """Reject the newest waiting request of the lowest class, or the newcomer."""
+        victim = max(q.waiting, key=lambda t: t.sort_key)
+        busy = Busy(
+            f"the queue of model {newcomer.model!r} is full "
+            f"({len(q.waiting)} waiting, limit {self.queue_size}); try again later",
+            data={"queue_length": len(q.waiting), "limit": self.queue_size},
+        )
+        if newcomer.priority.rank >= victim.priority.rank:
+            raise busy
+        q.waiting.remove(victim)
+        assert victim.future is not None
+        victim.future.set_exception(busy)
+
+    def _start(self, q: _ModelQueue, ticket: Ticket, slot: int) -> None:
+        ticket.slot = slot
+        ticket.started = time.monotonic()
+        q.running[ticket.id] = ticket
+
+    def _release(self, ticket: Ticket) -> None:
+        q = self._queues[ticket.model]
+        if q.running.pop(ticket.id, None) is None:
+            return
+        assert ticket.slot is not None
+        q.free.append(ticket.slot)
+        q.served += 1
+        while q.free and q.waiting:
+            nxt = q.waiting.pop(0)
+            self._start(q, nxt, q.free.pop(0))
+            assert nxt.future is not None
+            nxt.future.set_result(nxt.slot or 0)
+
+    def close(self) -> None:
+        """Refuse new requests and turn away every waiting one."""
+        self._closed = True
+        for q in self._queues.values():
+            waiting, q.waiting = q.waiting, []
+            for t in waiting:
+                if t.future is not None and not t.future.done():
+                    t.future.set_exception(
+                        ShuttingDown("the daemon is stopping; the request was not started")
+                    )
+
+    def set_queue_size(self, size: int) -> None:
+        """Change the queue limit (on reload); already waiting requests stay."""
+        self.queue_size = size
+
+    def running_count(self) -> int:
+        """Generations holding a slot right now, over all models."""
+        return sum(len(q.running) for q in self._queues.values())
+
+    def view(self) -> dict[str, dict[str, object]]:
+        """The queue state for ``system.queue`` and ``system.status``."""
+        now = time.monotonic()
+        out: dict[str, dict[str, object]] = {}
+        for name, q in self._queues.items():
+            out[name] = {
+                "slots": q.slots,
+                "served": q.served,
+                "running": [
+                    {
+                        "request_id": t.id,
+                        "uid": t.uid,
+                        "pid": t.pid,
+                        "priority": t.priority.value,
+                        "slot": t.slot,
+                        "waited_ms": round(((t.started or now) - t.enqueued) * 1000, 1),
+                        "running_ms": round((now - (t.started or now)) * 1000, 1),
+                    }
+                    for t in sorted(q.running.values(), key=lambda t: t.id)
+                ],
+                "waiting": [
+                    {
+                        "request_id": t.id,
+                        "position": i + 1,
+                        "uid": t.uid,
+                        "pid": t.pid,
+                        "priority": t.priority.value,
+                        "waited_ms": round((now - t.enqueued) * 1000, 1),
+                    }
+                    for i, t in enumerate(q.waiting)
+                ],
+            }
+        return out

@@ -1,0 +1,1 @@
+"""Kernel managers: access (and, later, context, memory, storage, tools)."""

@@ -1,0 +1,118 @@
+"""Access manager, first cut: roles from Unix identity, default deny, audit.
+
+Roles: ``admin`` — root, or a member of ``access.admin_group``; ``user`` — a member of
+``access.user_group``, or anyone when ``access.open_to_all`` is set; nobody else may use the
+daemon.  A syscall without a declared permission is refused for everyone.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+
+from aiosd.config import AccessConfig
+from aiosd.errors import PermissionDenied
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("aiosd.audit")
+
+
+class Role(str, Enum):
+    """What a caller may do, from least to most."""
+
+    none = "none"
+    user = "user"
+    admin = "admin"
+
+
+class Permission(str, Enum):
+    """The role a syscall requires; declared in the syscall table."""
+
+    user = "user"
+    admin = "admin"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as the kernel sees the peer — never taken from the payload."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: frozenset[int] = field(default_factory=frozenset)
+    aid: str | None = None
+
+    def in_group(self, gid: int | None) -> bool:
+        """Whether the caller's primary or supplementary groups include ``gid``."""
+        return gid is not None and (gid == self.gid or gid in self.groups)
+
+
+def _gid_of(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+class AccessManager:
+    """Decides who may make which syscall, and records every decision."""
+
+    def __init__(self, cfg: AccessConfig) -> None:
+        self.configure(cfg)
+
+    def configure(self, cfg: AccessConfig) -> None:
+        """Apply (or re-apply on reload) the [access] settings."""
+        self.cfg = cfg
+        self._admin_gid = _gid_of(cfg.admin_group)
+        self._user_gid = _gid_of(cfg.user_group)
+        if self._user_gid is None and not cfg.open_to_all:
+            log.warning(
+                "group %r does not exist: only root and %r members can use the daemon",
+                cfg.user_group,
+                cfg.admin_group,
+            )
+
+    def role(self, caller: Caller) -> Role:
+        """The caller's role, looked up from its uid and groups."""
+        if caller.uid == 0 or caller.in_group(self._admin_gid):
+            return Role.admin
+        if self.cfg.open_to_all or caller.in_group(self._user_gid):
+            return Role.user
+        return Role.none
+
+    def authorize(self, caller: Caller, syscall: str, permission: Permission | None) -> Role:
+        """Return the caller's role if it may make ``syscall``; raise PermissionDenied if not."""
+        role = self.role(caller)
+        if permission is None:
+            raise PermissionDenied(f"{syscall} declares no permission and is refused")
+        if role is Role.none:
+            raise PermissionDenied(
+                f"uid {caller.uid} may not use aiosd: it is not root and not a member of "
+                f"group {self.cfg.user_group!r} or {self.cfg.admin_group!r}"
+            )
+        if permission is Permission.admin and role is not Role.admin:
+            raise PermissionDenied(
+                f"{syscall} is for administrators: root or members of {self.cfg.admin_group!r}"
+            )
+        return role
+
+    def audit(self, caller: Caller, syscall: str, verdict: str, detail: str = "") -> None:
+        """Record one decision with the caller's identity (journal fields when journald runs)."""
+        audit_log.info(
+            "%s uid=%d pid=%d aid=%s verdict=%s%s",
+            syscall,
+            caller.uid,
+            caller.pid,
+            caller.aid or "-",
+            verdict,
+            f" ({detail})" if detail else "",
+            extra={
+                "AIOS_SYSCALL": syscall,
+                "AIOS_UID": caller.uid,
+                "AIOS_PID": caller.pid,
+                "AIOS_AID": caller.aid or "",
+                "AIOS_VERDICT": verdict,
+            },
+        )

@@ -1,0 +1,1 @@
+"""Bridges from the kernel to the host OS (processes, files, notifications, executor)."""

@@ -1,0 +1,7 @@
+"""Python SDK for agents and apps talking to aiosd."""
+
+from __future__ import annotations
+
+from aiosd.sdk.client import AsyncClient, Client, DaemonUnreachable, default_socket
+
+__all__ = ["AsyncClient", "Client", "DaemonUnreachable", "default_socket"]

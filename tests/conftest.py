@@ -1,0 +1,92 @@
+"""Fixtures: a real daemon process, real Unix users and groups (the tests run as root)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import Daemon, write_config
+
+USER_GROUP = "aios"
+USER_IN = "aiosd-test-in"
+USER_OUT = "aiosd-test-out"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One real aiosd (embedded model, 2 slots) per test module."""
+    directory = tmp_path_factory.mktemp("aiosd")
+    d = Daemon(directory, write_config(directory))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+@dataclass(frozen=True)
+class TestUser:
+    """A real Unix account made by the test setup."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: list[int]
+
+
+def _ensure_user(name: str, groups: list[str]) -> TestUser:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             "--user-group", name],
+            check=True,
+        )
+    if groups:
+        subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
+    pw = pwd.getpwnam(name)
+    return TestUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid))
+
+
+@pytest.fixture(scope="session")
+def unix_users() -> dict[str, TestUser]:
+    """``in``: a member of the ``aios`` group; ``out``: a user in no aiosd group."""
+    if os.geteuid() != 0:
+        pytest.fail("the test suite runs as root: it creates real users and groups")
+    try:
+        grp.getgrnam(USER_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", USER_GROUP], check=True)
+    users = {"in": _ensure_user(USER_IN, [USER_GROUP]), "out": _ensure_user(USER_OUT, [])}
+    assert grp.getgrnam(USER_GROUP).gr_gid in users["in"].groups
+    assert grp.getgrnam(USER_GROUP).gr_gid not in users["out"].groups
+    return users
+
+
+def run_as(user: TestUser, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a Python script as ``user`` with an isolated interpreter (no access to the repo)."""
+    return subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", "-c", script],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=user.groups,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tmp_dir(tmp_path: Path) -> Path:
+    """A temporary directory everyone can traverse (for sockets other users connect to)."""
+    tmp_path.chmod(0o755)
+    return tmp_path

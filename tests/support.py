@@ -1,0 +1,194 @@
+"""Helpers shared by the tests: a real daemon process, a notify socket, raw JSON-RPC clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET the test owns: records every sd_notify message with its arrival time."""
+
+    def __init__(self, path: Path, on_message: Any = None) -> None:
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        self.on_message = on_message
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            for field in data.decode().splitlines():
+                if self.on_message is not None:
+                    self.on_message(field)
+                with self._cond:
+                    self.messages.append((now, field))
+                    self._cond.notify_all()
+
+    def wait_for(self, field: str, timeout: float = 60.0) -> float:
+        """Wait until ``field`` (e.g. READY=1) arrives; return its arrival time."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for t, f in self.messages:
+                    if f == field:
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{field} not received within {timeout}s: {self.fields()}")
+                self._cond.wait(left)
+
+    def fields(self) -> list[str]:
+        """Every field received so far."""
+        with self._cond:
+            return [f for _, f in self.messages]
+
+    def times(self, field: str) -> list[float]:
+        """Arrival times of every occurrence of ``field``."""
+        with self._cond:
+            return [t for t, f in self.messages if f == field]
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._closed = True
+        self._sock.close()
+
+
+def write_config(directory: Path, extra: str = "", slots: int = 2) -> Path:
+    """A config file that keeps every path of the daemon inside ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = directory / "aiosd.toml"
+    cfg.write_text(
+        f"""
+[daemon]
+state_directory = "{directory / 'state'}"
+runtime_directory = "{directory / 'run'}"
+log_level = "info"
+log_target = "stderr"
+
+[shutdown]
+drain_timeout = 5.0
+close_timeout = 3.0
+
+[llm.models.smollm2]
+backend = "llamacpp"
+slots = {slots}
+threads = 1
+n_ctx = 2048
+max_tokens = 256
+{extra}
+"""
+    )
+    return cfg
+
+
+class Daemon:
+    """A real aiosd process started for a test, stopped with SIGTERM."""
+
+    def __init__(self, directory: Path, config: Path, argv_prefix: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.directory = directory
+        self.config = config
+        self.socket_path = directory / "run" / "aiosd.sock"
+        self.notify = NotifySocket(directory / "notify.sock")
+        self.log_path = directory / "aiosd.log"
+        self._log = self.log_path.open("wb")
+        full_env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path), **(env or {})}
+        full_env.pop("LISTEN_FDS", None)
+        full_env.pop("LISTEN_PID", None)
+        cmd = (argv_prefix or []) + [sys.executable, "-m", "aiosd", "--config", str(config)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=REPO)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until READY=1; fail with the daemon's log if it exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "READY=1" in self.notify.fields():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"aiosd exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        raise AssertionError(f"aiosd not ready within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the daemon wrote so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"aiosd did not stop within {timeout}s:\n{self.log()}")
+        self.notify.close()
+        self._log.close()
+        return self.proc.returncode
+
+
+class RawClient:
+    """A line-oriented JSON-RPC client on a plain socket, for protocol tests."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rb")
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are."""
+        self.sock.sendall(data)
+
+    def send(self, obj: Any) -> None:
+        """Send one JSON frame."""
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        """Read one JSON frame; fail on EOF."""
+        line = self.file.readline()
+        if not line:
+            raise EOFError("connection closed by the daemon")
+        return json.loads(line)
+
+    def call(self, method: str, params: Any = None, req_id: Any = 1) -> dict[str, Any]:
+        """Send a request and return its final response (skipping stream notifications)."""
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
+        if params is not None:
+            msg["params"] = params
+        self.send(msg)
+        while True:
+            reply = self.recv()
+            if reply.get("id") == req_id and "method" not in reply:
+                return reply
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.file.close()
+        self.sock.close()
