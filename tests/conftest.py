@@ -32,7 +32,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 @dataclass(frozen=True)
-class TestUser:
+class UnixUser:
     """A real Unix account made by the test setup."""
 
     name: str
@@ -41,7 +41,7 @@ class TestUser:
     groups: list[int]
 
 
-def _ensure_user(name: str, groups: list[str]) -> TestUser:
+def _ensure_user(name: str, groups: list[str]) -> UnixUser:
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -53,11 +53,11 @@ def _ensure_user(name: str, groups: list[str]) -> TestUser:
     if groups:
         subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
     pw = pwd.getpwnam(name)
-    return TestUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid))
+    return UnixUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid))
 
 
 @pytest.fixture(scope="session")
-def unix_users() -> dict[str, TestUser]:
+def unix_users() -> dict[str, UnixUser]:
     """``in``: a member of the ``aios`` group; ``out``: a user in no aiosd group."""
     if os.geteuid() != 0:
         pytest.fail("the test suite runs as root: it creates real users and groups")
@@ -71,7 +71,7 @@ def unix_users() -> dict[str, TestUser]:
     return users
 
 
-def run_as(user: TestUser, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_as(user: UnixUser, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run a Python script as ``user`` with an isolated interpreter (no access to the repo)."""
     return subprocess.run(
         ["/usr/bin/python3", "-I", "-S", "-c", script],

@@ -166,8 +166,8 @@ def cmd_ask(client: Client, args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             params[key] = value
-    if args.schema:
-        params["response_schema"] = _load_json(args.schema, "--schema")
+    if args.schema is not None:
+        params["response_schema"] = args.schema
     if args.json or args.no_stream:
         result = client.call("llm.chat", params)
         if args.json:
@@ -188,9 +188,7 @@ def cmd_ask(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_call(client: Client, args: argparse.Namespace) -> int:
     """aiosctl call SYSCALL [JSON]."""
-    params = _load_json(args.params, "params")
-    if not isinstance(params, dict):
-        raise UsageError("params: must be a JSON object")
+    params = args.params
     if SYSCALLS[args.method].streams and params.get("stream"):
         for note in client.stream(args.method, params):
             print(json.dumps(note, ensure_ascii=False))
@@ -198,6 +196,18 @@ def cmd_call(client: Client, args: argparse.Namespace) -> int:
     else:
         _print_json(client.call(args.method, params))
     return EXIT_OK
+
+
+def _check_input(args: argparse.Namespace) -> None:
+    """Parse JSON arguments before connecting: usage errors never depend on the daemon."""
+    if args.command == "ask" and args.schema is not None:
+        args.schema = _load_json(args.schema, "--schema")
+        if not isinstance(args.schema, dict):
+            raise UsageError("--schema: must be a JSON object")
+    if args.command == "call":
+        args.params = _load_json(args.params, "params")
+        if not isinstance(args.params, dict):
+            raise UsageError("params: must be a JSON object")
 
 
 COMMANDS = {
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json = getattr(args, "json", False)
     path = getattr(args, "socket", None) or default_socket()
     try:
+        _check_input(args)
         with Client(path) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as exc:

@@ -1,0 +1,152 @@
+"""JSON-RPC protocol over the Unix socket: every error case, and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Daemon, RawClient
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[RawClient]:
+    """A raw connection to the module's daemon."""
+    c = RawClient(daemon.socket_path, timeout=30)
+    yield c
+    c.close()
+
+
+def _still_serving(path: Path) -> None:
+    other = RawClient(path, timeout=30)
+    assert other.call("system.status", req_id="other")["result"]["state"] == "running"
+    other.close()
+
+
+def _no_traceback(reply: dict[str, object]) -> None:
+    text = json.dumps(reply)
+    assert "Traceback" not in text and "/aiosd/" not in text and ".py" not in text
+
+
+def test_malformed_json_gets_parse_error_and_connection_stays_usable(
+    daemon: Daemon, client: RawClient
+) -> None:
+    client.send_raw(b'{"jsonrpc": "2.0", "id": 1, "method": \n')
+    reply = client.recv()
+    assert reply["error"]["code"] == -32700 and reply["id"] is None
+    _no_traceback(reply)
+    assert client.call("system.status", req_id=2)["result"]["version"]
+    _still_serving(daemon.socket_path)
+
+
+def test_not_a_request_gets_invalid_request(client: RawClient) -> None:
+    for frame in (b"[]\n", b'"hello"\n', b'{"id": 3, "method": "system.status"}\n',
+                  b'{"jsonrpc": "2.0", "id": 3, "method": 42}\n'):
+        client.send_raw(frame)
+        reply = client.recv()
+        assert reply["error"]["code"] == -32600, frame
+    assert client.call("system.status", req_id=4)["result"]
+
+
+def test_unknown_method(client: RawClient) -> None:
+    reply = client.call("llm.teleport", {}, req_id="x")
+    assert reply["id"] == "x"
+    assert reply["error"]["code"] == -32601
+    assert "llm.teleport" in reply["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "priority": "urgent"}, "priority"),
+        ({"messages": [{"role": "user", "content": "hi"}], "colour": "red"}, "colour"),
+        ({}, "messages"),
+    ],
+)
+def test_bad_params_name_the_field_path(client: RawClient, params: dict[str, object],
+                                        field: str) -> None:
+    reply = client.call("llm.chat", params, req_id=5)
+    err = reply["error"]
+    assert err["code"] == -32602
+    assert err["data"]["errors"][0]["field"] == field
+    assert field in err["message"]
+    _no_traceback(reply)
+
+
+def test_params_must_be_an_object(client: RawClient) -> None:
+    reply = client.call("system.status", [1, 2], req_id=6)
+    assert reply["error"]["code"] == -32602
+
+
+def test_unknown_model_is_named(client: RawClient) -> None:
+    reply = client.call("llm.chat", {"messages": [{"role": "user", "content": "hi"}],
+                                     "model": "gpt-9"}, req_id=7)
+    assert reply["error"]["code"] == -32004
+    assert "gpt-9" in reply["error"]["message"] and "smollm2" in reply["error"]["message"]
+
+
+def test_oversize_frame_gets_error_then_close(daemon: Daemon) -> None:
+    c = RawClient(daemon.socket_path, timeout=30)
+    payload = {"jsonrpc": "2.0", "id": 1, "method": "llm.chat",
+               "params": {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}}
+    try:
+        c.send(payload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the daemon may close before it has read everything; the reply is still there
+    reply = c.recv()
+    assert reply["error"]["code"] == -32007
+    assert reply["error"]["data"]["limit"] == 1024 * 1024
+    with pytest.raises((EOFError, ConnectionResetError)):
+        c.recv()
+    c.close()
+    _still_serving(daemon.socket_path)
+
+
+def test_too_many_requests_in_flight(daemon: Daemon, client: RawClient) -> None:
+    frames = b"".join(
+        json.dumps({"jsonrpc": "2.0", "id": i, "method": "llm.chat", "params": {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}).encode() + b"\n"
+        for i in range(20)
+    )
+    client.send_raw(frames)
+    replies = [client.recv() for _ in range(20)]
+    refused = [r for r in replies if "error" in r]
+    served = [r for r in replies if "result" in r]
+    assert len(served) == 16 and len(refused) == 4
+    for r in refused:
+        assert r["error"]["code"] == -32008 and r["error"]["data"]["limit"] == 16
+    assert sorted(r["id"] for r in refused) == [16, 17, 18, 19]
+    assert client.call("system.status", req_id="after")["result"]
+    _still_serving(daemon.socket_path)
+
+
+def test_notification_without_id_gets_no_reply(client: RawClient) -> None:
+    client.send({"jsonrpc": "2.0", "method": "system.status"})
+    reply = client.call("system.status", req_id="next")
+    assert reply["id"] == "next"  # nothing arrived for the notification before this
+
+
+def test_half_line_then_disconnect_does_not_hurt(daemon: Daemon) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(daemon.socket_path))
+    s.sendall(b'{"jsonrpc": "2.0", "id": 1, "meth')
+    s.close()
+    _still_serving(daemon.socket_path)
+
+
+def test_every_syscall_is_reachable_over_the_socket(client: RawClient) -> None:
+    from aiosd.kernel.syscalls import SYSCALLS
+
+    minimal = {"llm.chat": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}}
+    for name, spec in SYSCALLS.items():
+        reply = client.call(name, minimal.get(name, {}), req_id=name)
+        assert "result" in reply, (name, reply)
+        spec.result.model_validate(reply["result"])
