@@ -27,6 +27,7 @@ from aiosd.errors import (
     InternalError,
     InvalidRequest,
     ParseError,
+    ShuttingDown,
     TooManyConnections,
     TooManyRequests,
 )
@@ -282,8 +283,15 @@ class _Connection:
             reply: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "result": result}
         except AiosError as exc:
             reply = _error(req_id, exc)
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             return
+        except asyncio.CancelledError:
+            if self.kernel.state == "stopping" and not notify_only:
+                # Cut off by the stop's drain timeout: tell the client rather than go silent.
+                with contextlib.suppress(Exception):
+                    await self._send(_error(req_id, ShuttingDown(
+                        "the daemon stopped before this request finished")))
+            raise
         except Exception:
             log.exception("request %r (%s) failed", req_id, method)
             reply = _error(req_id, InternalError("internal error; the daemon log has details"))

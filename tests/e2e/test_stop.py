@@ -1,0 +1,73 @@
+"""SIGTERM while generations run: finish what can finish, refuse what waits, cut what is too long."""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import Daemon, RawClient, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _chat(req_id: int, tokens: int) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "id": req_id, "method": "llm.chat", "params": {
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
+        "max_tokens": tokens, "stream": True}}
+
+
+def _final(client: RawClient) -> dict[str, object]:
+    while "method" in (msg := client.recv()):
+        pass
+    return msg
+
+
+def _start(drain: float) -> Daemon:
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-stop-"))
+    config = write_config(directory, slots=1)
+    config.write_text(config.read_text().replace("drain_timeout = 5.0", f"drain_timeout = {drain}"))
+    d = Daemon(directory, config)
+    d.wait_ready()
+    return d
+
+
+def test_running_generation_finishes_and_waiting_one_is_refused() -> None:
+    d = _start(drain=20.0)
+    try:
+        running, waiting = RawClient(d.socket_path), RawClient(d.socket_path)
+        running.send(_chat(1, 40))
+        assert running.recv()["method"] == "stream"  # it holds the only slot now
+        waiting.send(_chat(2, 40))
+        time.sleep(0.2)
+        d.proc.send_signal(signal.SIGTERM)
+        refused = _final(waiting)
+        assert refused["error"]["code"] == -32010  # type: ignore[index]
+        done = _final(running)
+        assert done["result"]["usage"]["completion_tokens"] == 40  # type: ignore[index]
+        assert d.proc.wait(30) == 0
+        assert "STOPPING=1" in d.notify.fields()
+    finally:
+        d.stop()
+
+
+def test_generation_longer_than_the_drain_timeout_is_cancelled_with_an_error() -> None:
+    d = _start(drain=1.0)
+    try:
+        client = RawClient(d.socket_path)
+        client.send(_chat(1, 1500))
+        assert client.recv()["method"] == "stream"
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        reply = _final(client)
+        assert reply["error"]["code"] == -32010  # type: ignore[index]
+        assert "stopped before this request finished" in reply["error"]["message"]  # type: ignore[index]
+        assert d.proc.wait(30) == 0
+        # drain (1 s) + cancellation at the next token boundary + close: well inside the
+        # unit's TimeoutStopSec=30.
+        assert time.monotonic() - t0 < 10
+    finally:
+        d.stop()
