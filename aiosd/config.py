@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -104,9 +104,7 @@ class OllamaModelConfig(_Section):
         return host
 
 
-ModelConfig = Annotated[
-    Union[LlamaCppModelConfig, OllamaModelConfig], Field(discriminator="backend")
-]
+ModelConfig = Annotated[LlamaCppModelConfig | OllamaModelConfig, Field(discriminator="backend")]
 
 
 def _default_models() -> dict[str, LlamaCppModelConfig | OllamaModelConfig]:
@@ -272,14 +270,18 @@ def _strip_unknown(
         dotted = f"{prefix}{key}"
         field = model.model_fields.get(key)
         if field is None:
-            warnings.append(f"{_origin_of(origin, dotted) or '<config>'}: unknown key {dotted!r} ignored")
+            warnings.append(
+                f"{_origin_of(origin, dotted) or '<config>'}: unknown key {dotted!r} ignored"
+            )
             continue
         sub = _section_type(field.annotation)
         if sub is not None:
             out[key] = _strip_unknown(sub, value, origin, dotted + ".", warnings)
         elif model is LlmConfig and key == "models" and isinstance(value, dict):
             out[key] = {
-                name: _strip_unknown(_model_class(entry), entry, origin, f"{dotted}.{name}.", warnings)
+                name: _strip_unknown(
+                    _model_class(entry), entry, origin, f"{dotted}.{name}.", warnings
+                )
                 for name, entry in value.items()
             }
         else:

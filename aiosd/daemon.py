@@ -11,11 +11,16 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiosd import __version__, sd
 from aiosd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, LoadedConfig, load_config
 from aiosd.errors import AiosError
+
+if TYPE_CHECKING:
+    from aiosd.api.socket.server import SocketServer
 
 log = logging.getLogger("aiosd")
 
@@ -31,8 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="aiosd",
         description="aiosd — LLM agent operating system daemon. Runs in the foreground; "
         "systemd starts it as aiosd.service.",
-        epilog="Exit status: 0 stopped cleanly; 1 failed; 2 usage error; "
-        "78 invalid configuration.",
+        epilog="Exit status: 0 stopped cleanly; 1 failed; 2 usage error; 78 invalid configuration.",
     )
     ap.add_argument(
         "--config",
@@ -51,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-socket", action="store_true", help="run without the Unix-socket front-end"
     )
     ap.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="override daemon.log_level"
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override daemon.log_level",
     )
     ap.add_argument("--version", action="version", version=f"aiosd {__version__}")
     return ap.parse_args(argv)
@@ -67,8 +73,8 @@ def setup_logging(config: Config, override: str | None) -> None:
     """journald with structured fields when it runs, else stderr."""
     level = getattr(logging, (override or config.daemon.log_level).upper())
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     target = config.daemon.log_target
     use_journal = sd.journal_available() and (
         target == "journal" or (target == "auto" and sd.stderr_is_journal())
@@ -81,7 +87,9 @@ def setup_logging(config: Config, override: str | None) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s")
+        )
     root.addHandler(handler)
     root.setLevel(level)
 
@@ -95,7 +103,7 @@ class Daemon:
         self.args = args
         self.config = loaded.config
         self.kernel = Kernel(self.config)
-        self.socket_server = None
+        self.socket_server: SocketServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -125,21 +133,22 @@ class Daemon:
         from aiosd.api.socket.server import SocketServer
 
         path = self.args.socket or self.config.socket_path()
-        self.socket_server = SocketServer(self.kernel, self.config.socket, path)
-        await self.socket_server.start(None if self.args.socket else sd.listen_socket())
-        await self.socket_server.self_check()
+        server = SocketServer(self.kernel, self.config.socket, path)
+        self.socket_server = server
+        await server.start(None if self.args.socket else sd.listen_socket())
+        await server.self_check()
 
     def _announce(self) -> None:
         if self.socket_server is not None:
             path = self.socket_server.path
             default = self.config.socket_path() == path and str(path) == "/run/aiosd/aiosd.sock"
             hint = "aiosctl" if default else f"aiosctl --socket {path}"
-            log.info("ready: socket %s — try: %s ask \"Name three Linux init systems\"", path, hint)
+            log.info('ready: socket %s — try: %s ask "Name three Linux init systems"', path, hint)
         else:
             log.info("ready (no front-end)")
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
@@ -193,7 +202,7 @@ class Daemon:
         if self.socket_server is not None:
             try:
                 await asyncio.wait_for(self.socket_server.close(), timeout=cfg.close_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("connections did not close within %.1fs", cfg.close_timeout)
         log.info("stopped")
 

@@ -83,8 +83,8 @@ def write_config(directory: Path, extra: str = "", slots: int = 2) -> Path:
     cfg.write_text(
         f"""
 [daemon]
-state_directory = "{directory / 'state'}"
-runtime_directory = "{directory / 'run'}"
+state_directory = "{directory / "state"}"
+runtime_directory = "{directory / "run"}"
 log_level = "info"
 log_target = "stderr"
 
@@ -107,8 +107,13 @@ max_tokens = 256
 class Daemon:
     """A real aiosd process started for a test, stopped with SIGTERM."""
 
-    def __init__(self, directory: Path, config: Path, argv_prefix: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        config: Path,
+        argv_prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.directory = directory
         self.config = config
         self.socket_path = directory / "run" / "aiosd.sock"
@@ -119,8 +124,9 @@ class Daemon:
         full_env.pop("LISTEN_FDS", None)
         full_env.pop("LISTEN_PID", None)
         cmd = (argv_prefix or []) + [sys.executable, "-m", "aiosd", "--config", str(config)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until READY=1; fail with the daemon's log if it exits first."""
@@ -147,7 +153,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"aiosd did not stop within {timeout}s:\n{self.log()}")
+                raise AssertionError(
+                    f"aiosd did not stop within {timeout}s:\n{self.log()}"
+                ) from None
         self.notify.close()
         self._log.close()
         return self.proc.returncode

@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument(
         "--priority", choices=[p.value for p in Priority], help="scheduling class (default normal)"
     )
-    ask.add_argument(
-        "--schema", help="JSON schema the answer must follow: inline JSON or @FILE"
-    )
+    ask.add_argument("--schema", help="JSON schema the answer must follow: inline JSON or @FILE")
     ask.add_argument("--no-stream", action="store_true", help="print the answer when complete")
     call = sub.add_parser("call", parents=[common], help="make any syscall with JSON params")
     call.add_argument("method", choices=list(SYSCALLS), metavar="SYSCALL")
@@ -144,14 +142,20 @@ def cmd_queue(client: Client, args: argparse.Namespace) -> int:
         _print_json(res)
         return EXIT_OK
     for q in res["models"]:
-        print(f"{q['model']}: {len(q['running'])}/{q['slots']} slots busy, "
-              f"{len(q['waiting'])} waiting, {q['served']} served")
+        print(
+            f"{q['model']}: {len(q['running'])}/{q['slots']} slots busy, "
+            f"{len(q['waiting'])} waiting, {q['served']} served"
+        )
         for r in q["running"]:
-            print(f"  running  #{r['request_id']:<6} uid {r['uid']:<6} {r['priority']:<11} "
-                  f"slot {r['slot']}  {r['running_ms']:.0f} ms")
+            print(
+                f"  running  #{r['request_id']:<6} uid {r['uid']:<6} {r['priority']:<11} "
+                f"slot {r['slot']}  {r['running_ms']:.0f} ms"
+            )
         for w in q["waiting"]:
-            print(f"  {w['position']:>7}. #{w['request_id']:<6} uid {w['uid']:<6} "
-                  f"{w['priority']:<11} waited {w['waited_ms']:.0f} ms")
+            print(
+                f"  {w['position']:>7}. #{w['request_id']:<6} uid {w['uid']:<6} "
+                f"{w['priority']:<11} waited {w['waited_ms']:.0f} ms"
+            )
     return EXIT_OK
 
 

@@ -62,6 +62,8 @@ async def dispatch(
         # Details go to the log only: clients never see a traceback or a path.
         log.exception("syscall %s failed unexpectedly", name)
         kernel.access.audit(caller, name, "failed", "internal error")
-        raise InternalError(f"{name} failed inside the daemon; the daemon log has details") from None
+        raise InternalError(
+            f"{name} failed inside the daemon; the daemon log has details"
+        ) from None
     kernel.access.audit(caller, name, "ok")
     return result.model_dump(mode="json")

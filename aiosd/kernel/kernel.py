@@ -25,8 +25,8 @@ from aiosd.kernel.syscalls import (
     QueueModel,
     QueueResult,
     StatusResult,
-    ToolCall,
     Timings,
+    ToolCall,
     Usage,
 )
 from aiosd.managers.access import AccessManager, Caller
@@ -110,7 +110,7 @@ class Kernel:
         for backend in self.backends.values():
             try:
                 await asyncio.wait_for(backend.close(), timeout=close_timeout)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 log.exception("closing model %s failed", backend.name)
 
     # --- the one entry point ------------------------------------------------------------------
@@ -221,7 +221,7 @@ class Kernel:
 
     def system_status(self, caller: Caller) -> StatusResult:
         """Version, uptime, models and queue totals."""
-        view = self.scheduler.view()
+        running, waiting = self.scheduler.totals()
         return StatusResult(
             version=__version__,
             pid=os.getpid(),
@@ -229,8 +229,8 @@ class Kernel:
             state=self.state,
             models=list(self.backends),
             default_model=self.config.llm.default_model,
-            running=sum(len(v["running"]) for v in view.values()),  # type: ignore[arg-type]
-            waiting=sum(len(v["waiting"]) for v in view.values()),  # type: ignore[arg-type]
+            running=running,
+            waiting=waiting,
             connections=self.connections,
             caller_uid=caller.uid,
             caller_role=self.access.role(caller).value,
@@ -244,9 +244,7 @@ class Kernel:
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
-        view = self.scheduler.view()
-        running = sum(len(v["running"]) for v in view.values())  # type: ignore[arg-type]
-        waiting = sum(len(v["waiting"]) for v in view.values())  # type: ignore[arg-type]
+        running, waiting = self.scheduler.totals()
         return (
             f"{len(self.backends)} model(s), {running} running, {waiting} waiting, "
             f"{self.connections} connection(s)"

@@ -16,12 +16,12 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from aiosd.errors import Busy, ModelNotFound, ShuttingDown
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     """Priority classes, best first."""
 
     interactive = "interactive"
@@ -163,9 +163,10 @@ class Scheduler:
         """Change the queue limit (on reload); already waiting requests stay."""
         self.queue_size = size
 
-    def running_count(self) -> int:
-        """Generations holding a slot right now, over all models."""
-        return sum(len(q.running) for q in self._queues.values())
+    def totals(self) -> tuple[int, int]:
+        """(running, waiting) over all models."""
+        qs = self._queues.values()
+        return sum(len(q.running) for q in qs), sum(len(q.waiting) for q in qs)
 
     def view(self) -> dict[str, dict[str, object]]:
         """The queue state for ``system.queue`` and ``system.status``."""

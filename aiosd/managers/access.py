@@ -10,7 +10,7 @@ from __future__ import annotations
 import grp
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from aiosd.config import AccessConfig
 from aiosd.errors import PermissionDenied
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 audit_log = logging.getLogger("aiosd.audit")
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """What a caller may do, from least to most."""
 
     none = "none"
@@ -27,7 +27,7 @@ class Role(str, Enum):
     admin = "admin"
 
 
-class Permission(str, Enum):
+class Permission(StrEnum):
     """The role a syscall requires; declared in the syscall table."""
 
     user = "user"

@@ -44,11 +44,14 @@ def _call(user: UnixUser, daemon: Daemon, method: str, params: dict[str, object]
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def test_user_outside_the_groups_is_refused(unix_users: dict[str, UnixUser],
-                                            open_daemon: Daemon) -> None:
+def test_user_outside_the_groups_is_refused(
+    unix_users: dict[str, UnixUser], open_daemon: Daemon
+) -> None:
     out = unix_users["out"]
-    for method, params in (("system.status", {}),
-                           ("llm.chat", {"messages": [{"role": "user", "content": "hi"}]})):
+    for method, params in (
+        ("system.status", {}),
+        ("llm.chat", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
         reply = _call(out, open_daemon, method, params)
         err = reply["error"]
         assert err["code"] == -32001
@@ -57,21 +60,27 @@ def test_user_outside_the_groups_is_refused(unix_users: dict[str, UnixUser],
     assert f"system.status uid={out.uid}" in log and "verdict=denied" in log
 
 
-def test_member_of_aios_is_served_as_itself(unix_users: dict[str, UnixUser],
-                                            open_daemon: Daemon) -> None:
+def test_member_of_aios_is_served_as_itself(
+    unix_users: dict[str, UnixUser], open_daemon: Daemon
+) -> None:
     user = unix_users["in"]
     status = _call(user, open_daemon, "system.status", {})["result"]
     assert status["caller_uid"] == user.uid
     assert status["caller_role"] == "user"
-    chat = _call(user, open_daemon, "llm.chat",
-                 {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4})
+    chat = _call(
+        user,
+        open_daemon,
+        "llm.chat",
+        {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4},
+    )
     assert chat["result"]["usage"]["completion_tokens"] == 4
     assert chat["result"]["message"]["content"]
     assert f"llm.chat uid={user.uid}" in open_daemon.log()
 
 
-def test_identity_cannot_be_claimed_in_the_payload(unix_users: dict[str, UnixUser],
-                                                   open_daemon: Daemon) -> None:
+def test_identity_cannot_be_claimed_in_the_payload(
+    unix_users: dict[str, UnixUser], open_daemon: Daemon
+) -> None:
     reply = _call(unix_users["out"], open_daemon, "system.status", {"uid": 0})
     # Unknown fields are rejected, and nothing in params can change who the caller is.
     assert reply["error"]["code"] in (-32602, -32001)

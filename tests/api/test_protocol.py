@@ -45,8 +45,12 @@ def test_malformed_json_gets_parse_error_and_connection_stays_usable(
 
 
 def test_not_a_request_gets_invalid_request(client: RawClient) -> None:
-    for frame in (b"[]\n", b'"hello"\n', b'{"id": 3, "method": "system.status"}\n',
-                  b'{"jsonrpc": "2.0", "id": 3, "method": 42}\n'):
+    for frame in (
+        b"[]\n",
+        b'"hello"\n',
+        b'{"id": 3, "method": "system.status"}\n',
+        b'{"jsonrpc": "2.0", "id": 3, "method": 42}\n',
+    ):
         client.send_raw(frame)
         reply = client.recv()
         assert reply["error"]["code"] == -32600, frame
@@ -71,8 +75,9 @@ def test_unknown_method(client: RawClient) -> None:
         ({}, "messages"),
     ],
 )
-def test_bad_params_name_the_field_path(client: RawClient, params: dict[str, object],
-                                        field: str) -> None:
+def test_bad_params_name_the_field_path(
+    client: RawClient, params: dict[str, object], field: str
+) -> None:
     reply = client.call("llm.chat", params, req_id=5)
     err = reply["error"]
     assert err["code"] == -32602
@@ -87,16 +92,21 @@ def test_params_must_be_an_object(client: RawClient) -> None:
 
 
 def test_unknown_model_is_named(client: RawClient) -> None:
-    reply = client.call("llm.chat", {"messages": [{"role": "user", "content": "hi"}],
-                                     "model": "gpt-9"}, req_id=7)
+    reply = client.call(
+        "llm.chat", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, req_id=7
+    )
     assert reply["error"]["code"] == -32004
     assert "gpt-9" in reply["error"]["message"] and "smollm2" in reply["error"]["message"]
 
 
 def test_oversize_frame_gets_error_then_close(daemon: Daemon) -> None:
     c = RawClient(daemon.socket_path, timeout=30)
-    payload = {"jsonrpc": "2.0", "id": 1, "method": "llm.chat",
-               "params": {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}}
+    payload = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "llm.chat",
+        "params": {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]},
+    }
     try:
         c.send(payload)
     except (BrokenPipeError, ConnectionResetError):
@@ -112,8 +122,15 @@ def test_oversize_frame_gets_error_then_close(daemon: Daemon) -> None:
 
 def test_too_many_requests_in_flight(daemon: Daemon, client: RawClient) -> None:
     frames = b"".join(
-        json.dumps({"jsonrpc": "2.0", "id": i, "method": "llm.chat", "params": {
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}).encode() + b"\n"
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "llm.chat",
+                "params": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            }
+        ).encode()
+        + b"\n"
         for i in range(20)
     )
     client.send_raw(frames)

@@ -51,9 +51,21 @@ def daemon1() -> Iterator[Daemon]:
 
 def test_aiosctl_ask_streams_the_models_own_answer(daemon2: Daemon) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "aiosd.cli", "--socket", str(daemon2.socket_path), "ask",
-         "--max-tokens", "48", PROMPT],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "aiosd.cli",
+            "--socket",
+            str(daemon2.socket_path),
+            "ask",
+            "--max-tokens",
+            "48",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     # The same greedy generation straight through llama-cpp-python, in this process.
@@ -69,9 +81,16 @@ def test_aiosctl_ask_streams_the_models_own_answer(daemon2: Daemon) -> None:
 
 def test_streaming_arrives_in_many_notifications_then_the_result(daemon2: Daemon) -> None:
     with Client(daemon2.socket_path) as client:
-        notes = list(client.stream("llm.chat", {
-            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "stream": True,
-        }))
+        notes = list(
+            client.stream(
+                "llm.chat",
+                {
+                    "messages": [{"role": "user", "content": PROMPT}],
+                    "max_tokens": 32,
+                    "stream": True,
+                },
+            )
+        )
         result = client.last_result
     assert len(notes) > 1
     assert [n["seq"] for n in notes] == list(range(len(notes)))
@@ -82,9 +101,22 @@ def test_streaming_arrives_in_many_notifications_then_the_result(daemon2: Daemon
 
 def test_aiosctl_ask_json_prints_one_result(daemon2: Daemon) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "aiosd.cli", "--socket", str(daemon2.socket_path), "ask",
-         "--json", "--max-tokens", "8", PROMPT],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "aiosd.cli",
+            "--socket",
+            str(daemon2.socket_path),
+            "ask",
+            "--json",
+            "--max-tokens",
+            "8",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -103,10 +135,14 @@ def test_json_schema_answer_validates(daemon2: Daemon) -> None:
         "required": ["name", "init_systems"],
     }
     with Client(daemon2.socket_path) as client:
-        result = client.call("llm.chat", {
-            "messages": [{"role": "user", "content": f"{PROMPT}. Answer in JSON."}],
-            "response_schema": schema, "max_tokens": 200,
-        })
+        result = client.call(
+            "llm.chat",
+            {
+                "messages": [{"role": "user", "content": f"{PROMPT}. Answer in JSON."}],
+                "response_schema": schema,
+                "max_tokens": 200,
+            },
+        )
     assert result["finish_reason"] == "stop"
     jsonschema.validate(json.loads(result["message"]["content"]), schema)
 
@@ -129,9 +165,14 @@ def _queue(path: Path) -> dict[str, Any]:
 
 def test_eight_clients_on_two_slots_in_priority_then_arrival_order(daemon2: Daemon) -> None:
     plan: list[tuple[str, int]] = [
-        ("batch", 60), ("batch", 120),               # start at once, finish far apart
-        ("batch", 8), ("batch", 8), ("batch", 8), ("batch", 8),  # wait
-        ("normal", 8), ("interactive", 8),           # arrive last, jump the batch requests
+        ("batch", 60),
+        ("batch", 120),  # start at once, finish far apart
+        ("batch", 8),
+        ("batch", 8),
+        ("batch", 8),
+        ("batch", 8),  # wait
+        ("normal", 8),
+        ("interactive", 8),  # arrive last, jump the batch requests
     ]
     snapshots: list[dict[str, Any]] = []
     stop = threading.Event()
@@ -145,10 +186,14 @@ def test_eight_clients_on_two_slots_in_priority_then_arrival_order(daemon2: Daem
     async def run() -> list[dict[str, Any]]:
         async def one(prio: str, tokens: int, i: int) -> dict[str, Any]:
             async with AsyncClient(daemon2.socket_path) as c:
-                return await c.call("llm.chat", {
-                    "messages": [{"role": "user", "content": f"Story number {i} about a cat"}],
-                    "max_tokens": tokens, "priority": prio,
-                })
+                return await c.call(
+                    "llm.chat",
+                    {
+                        "messages": [{"role": "user", "content": f"Story number {i} about a cat"}],
+                        "max_tokens": tokens,
+                        "priority": prio,
+                    },
+                )
 
         tasks = []
         for i, (prio, tokens) in enumerate(plan):
@@ -177,7 +222,9 @@ def test_eight_clients_on_two_slots_in_priority_then_arrival_order(daemon2: Daem
     full = max(snapshots, key=lambda s: len(s["waiting"]))
     waiting = [w["request_id"] for w in full["waiting"]]
     assert len(full["running"]) == 2 and len(waiting) == 6
-    expected = sorted(waiting, key=lambda rid: (["interactive", "normal", "batch"].index(prio_of[rid]), rid))
+    expected = sorted(
+        waiting, key=lambda rid: (["interactive", "normal", "batch"].index(prio_of[rid]), rid)
+    )
     assert waiting == expected
     assert [w["position"] for w in full["waiting"]] == [1, 2, 3, 4, 5, 6]
     assert all(w["uid"] == 0 for w in full["waiting"])
@@ -211,15 +258,26 @@ import time; time.sleep(600)
 def test_killed_client_frees_its_slot_promptly(daemon1: Daemon) -> None:
     victim = subprocess.Popen(
         [sys.executable, "-c", KILLED_CLIENT, str(daemon1.socket_path)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert victim.stdout is not None
         assert victim.stdout.readline().strip() == "streaming"
         # The next request queues behind the victim's 1500-token generation on the one slot.
         client = RawClient(daemon1.socket_path)
-        client.send({"jsonrpc": "2.0", "id": 7, "method": "llm.chat", "params": {
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}})
+        client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "llm.chat",
+                "params": {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "stream": True,
+                },
+            }
+        )
         deadline = time.monotonic() + 10
         while not _queue(daemon1.socket_path)["waiting"]:
             assert time.monotonic() < deadline

@@ -1,4 +1,4 @@
-"""SIGTERM while generations run: finish what can finish, refuse what waits, cut what is too long."""
+"""SIGTERM during generations: finish what can, refuse what waits, cut what takes too long."""
 
 from __future__ import annotations
 
@@ -15,9 +15,16 @@ pytestmark = pytest.mark.e2e
 
 
 def _chat(req_id: int, tokens: int) -> dict[str, object]:
-    return {"jsonrpc": "2.0", "id": req_id, "method": "llm.chat", "params": {
-        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
-        "max_tokens": tokens, "stream": True}}
+    return {
+        "jsonrpc": "2.0",
+        "id": req_id,
+        "method": "llm.chat",
+        "params": {
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
+            "max_tokens": tokens,
+            "stream": True,
+        },
+    }
 
 
 def _final(client: RawClient) -> dict[str, object]:

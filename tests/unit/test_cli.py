@@ -11,8 +11,13 @@ from tests.support import REPO
 
 
 def _aiosctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiosd.cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "aiosd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def test_unreachable_daemon_names_the_socket_and_the_fix(tmp_path: Path) -> None:

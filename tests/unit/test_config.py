@@ -40,8 +40,10 @@ def test_dropins_merge_over_the_main_file_in_order(tmp_path: Path) -> None:
 
 def test_unknown_keys_warn_naming_file_and_key(tmp_path: Path) -> None:
     main = tmp_path / "aiosd.toml"
-    main.write_text("[socket]\nmax_frame_byte = 10\n[colour]\nx = 1\n"
-                    '[llm.models.smollm2]\nbackend = "llamacpp"\nslot = 3\n')
+    main.write_text(
+        "[socket]\nmax_frame_byte = 10\n[colour]\nx = 1\n"
+        '[llm.models.smollm2]\nbackend = "llamacpp"\nslot = 3\n'
+    )
     loaded = load_config(main)
     assert f"{main}: unknown key 'socket.max_frame_byte' ignored" in loaded.warnings
     assert f"{main}: unknown key 'colour' ignored" in loaded.warnings
@@ -52,7 +54,11 @@ def test_unknown_keys_warn_naming_file_and_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
-        ("[socket]\nmax_frame_bytes = 10\n", "socket.max_frame_bytes", "greater than or equal to 1024"),
+        (
+            "[socket]\nmax_frame_bytes = 10\n",
+            "socket.max_frame_bytes",
+            "greater than or equal to 1024",
+        ),
         ('[daemon]\nlog_level = "loud"\n', "daemon.log_level", "'loud'"),
         ('[llm]\ndefault_model = "nope"\n', "llm", "'nope' is not one of the configured models"),
         ('[llm.models.x]\nbackend = "ollama"\nhost = "ftp://h"\n', "llm.models.x.host", "http://"),
@@ -60,8 +66,9 @@ def test_unknown_keys_warn_naming_file_and_key(tmp_path: Path) -> None:
         ("[scheduler]\nqueue_size = 'many'\n", "scheduler.queue_size", "valid integer"),
     ],
 )
-def test_invalid_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str,
-                                                 reason: str) -> None:
+def test_invalid_values_name_file_key_and_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
     main = tmp_path / "aiosd.toml"
     main.write_text(text)
     with pytest.raises(ConfigError) as exc:
@@ -90,8 +97,9 @@ def test_broken_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def _aiosd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiosd", *args], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "aiosd", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
 
 
 def test_daemon_refuses_to_start_on_a_bad_value_with_exit_78(tmp_path: Path) -> None:

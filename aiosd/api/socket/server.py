@@ -86,9 +86,7 @@ class SocketServer:
         self._server = await asyncio.start_unix_server(
             self._accept, sock=sock, limit=self.cfg.max_frame_bytes + 1
         )
-        log.info(
-            "listening on %s%s", self.path, " (socket activation)" if self.activated else ""
-        )
+        log.info("listening on %s%s", self.path, " (socket activation)" if self.activated else "")
 
     def _bind(self) -> socket.socket:
         self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -129,7 +127,7 @@ class SocketServer:
             try:
                 # Python 3.12+ also waits here for connections to end: bounded by the stage.
                 await asyncio.wait_for(self._server.wait_closed(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if not self.activated:
             with contextlib.suppress(OSError):
@@ -182,7 +180,7 @@ class _Connection:
         self.caller = caller
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished = asyncio.Event()
-        self._reader_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[Any] | None = None
 
     def close(self) -> None:
         """Stop reading and cancel every request of this connection."""
@@ -191,7 +189,7 @@ class _Connection:
 
     async def serve(self) -> None:
         """Read frames until EOF; then cancel whatever is still running for this client."""
-        self._reader_task = asyncio.current_task()  # type: ignore[assignment]
+        self._reader_task = asyncio.current_task()
         try:
             await self._read_loop()
         except asyncio.CancelledError:
@@ -289,8 +287,11 @@ class _Connection:
             if self.kernel.state == "stopping" and not notify_only:
                 # Cut off by the stop's drain timeout: tell the client rather than go silent.
                 with contextlib.suppress(Exception):
-                    await self._send(_error(req_id, ShuttingDown(
-                        "the daemon stopped before this request finished")))
+                    await self._send(
+                        _error(
+                            req_id, ShuttingDown("the daemon stopped before this request finished")
+                        )
+                    )
             raise
         except Exception:
             log.exception("request %r (%s) failed", req_id, method)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +51,10 @@ class Backend(abc.ABC):
     """A configured model: loads or connects on ``start``, generates on ``chat``.
 
     ``prepare`` runs before the request queues (so a prompt that cannot fit is refused at
-    once); ``chat`` receives what it returned and is called by the scheduler with a slot index in ``range(slots)``; the scheduler
-    guarantees that no two generations use the same slot at once.  Cancelling the iterator
-    (closing it, or cancelling the task that drives it) must stop the generation promptly
+    once); ``chat`` receives what it returned and is called by the scheduler with a slot
+    index in ``range(slots)``; the scheduler guarantees that no two generations use the same
+    slot at once.  Cancelling the iterator (closing it, or cancelling the task that drives it)
+    must stop the generation promptly
     and release everything the slot holds before ``aclose`` returns.
     """
 
@@ -78,5 +79,5 @@ class Backend(abc.ABC):
         return request
 
     @abc.abstractmethod
-    def chat(self, request: Any, slot: int) -> AsyncIterator[ChatChunk]:
+    def chat(self, request: Any, slot: int) -> AsyncGenerator[ChatChunk, None]:
         """Generate an answer to a prepared request, yielding chunks; the last has ``done``."""

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +150,7 @@ class LlamaCppBackend(Backend):
     def _prepare(self, request: ChatRequest) -> Prepared:
         grammar = None
         if request.response_schema is not None:
-            from llama_cpp import LlamaGrammar
+            from llama_cpp.llama_grammar import LlamaGrammar
 
             try:
                 grammar = LlamaGrammar.from_json_schema(
@@ -181,7 +181,7 @@ class LlamaCppBackend(Backend):
             seed=request.seed,
         )
 
-    async def chat(self, request: Any, slot: int) -> AsyncIterator[ChatChunk]:
+    async def chat(self, request: Any, slot: int) -> AsyncGenerator[ChatChunk, None]:
         """Generate on ``slot`` in a worker thread; yield text pieces as they decode."""
         prepared = request if isinstance(request, Prepared) else await self.prepare(request)
         loop = asyncio.get_running_loop()
@@ -263,10 +263,12 @@ class LlamaCppBackend(Backend):
         tail = decoder.decode(b"", final=True)
         if tail:
             yield "text", tail
-        yield "done", ChatChunk(
-            done=True,
-            finish_reason=finish,
-            prompt_tokens=len(prepared.tokens),
-            completion_tokens=produced,
+        yield (
+            "done",
+            ChatChunk(
+                done=True,
+                finish_reason=finish,
+                prompt_tokens=len(prepared.tokens),
+                completion_tokens=produced,
+            ),
         )
-

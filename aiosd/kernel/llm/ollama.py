@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -117,7 +117,7 @@ class OllamaBackend(Backend):
             detail={"host": self.cfg.host, "model": self.model},
         )
 
-    async def chat(self, request: ChatRequest, slot: int) -> AsyncIterator[ChatChunk]:
+    async def chat(self, request: ChatRequest, slot: int) -> AsyncGenerator[ChatChunk, None]:
         """Stream one answer from ``/api/chat``; the HTTP stream is closed on cancellation."""
         stream = await self._open(request)
         saw_tool_calls = False

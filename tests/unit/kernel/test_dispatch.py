@@ -34,8 +34,14 @@ def test_syscall_without_declared_permission_is_refused_even_for_root(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = syscalls.SYSCALLS["system.status"]
-    undeclared = syscalls.Syscall("test.undeclared", syscalls.NoParams, syscalls.StatusResult,
-                                  None, spec.handler, "no permission declared")
+    undeclared = syscalls.Syscall(
+        "test.undeclared",
+        syscalls.NoParams,
+        syscalls.StatusResult,
+        None,
+        spec.handler,
+        "no permission declared",
+    )
     monkeypatch.setitem(syscalls.SYSCALLS, "test.undeclared", undeclared)
     with pytest.raises(PermissionDenied, match="declares no permission"):
         asyncio.run(_kernel().dispatch("test.undeclared", {}, ROOT))
@@ -43,8 +49,14 @@ def test_syscall_without_declared_permission_is_refused_even_for_root(
 
 def test_admin_syscall_refuses_users(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = syscalls.SYSCALLS["system.status"]
-    admin_only = syscalls.Syscall("test.admin", syscalls.NoParams, syscalls.StatusResult,
-                                  Permission.admin, spec.handler, "admin only")
+    admin_only = syscalls.Syscall(
+        "test.admin",
+        syscalls.NoParams,
+        syscalls.StatusResult,
+        Permission.admin,
+        spec.handler,
+        "admin only",
+    )
     monkeypatch.setitem(syscalls.SYSCALLS, "test.admin", admin_only)
     k = Kernel(Config.model_validate({"access": {"open_to_all": True}}), backends={})
     asyncio.run(k.start())
@@ -88,9 +100,13 @@ def test_unexpected_failure_is_an_internal_error_without_details(
         raise RuntimeError("secret path /etc/shadow")
 
     spec = syscalls.SYSCALLS["system.status"]
-    monkeypatch.setitem(syscalls.SYSCALLS, "system.status",
-                        syscalls.Syscall("system.status", spec.params, spec.result,
-                                         spec.permission, boom, spec.summary))
+    monkeypatch.setitem(
+        syscalls.SYSCALLS,
+        "system.status",
+        syscalls.Syscall(
+            "system.status", spec.params, spec.result, spec.permission, boom, spec.summary
+        ),
+    )
     with pytest.raises(InternalError) as exc:
         asyncio.run(_kernel().dispatch("system.status", {}, ROOT))
     assert "/etc/shadow" not in exc.value.message and "daemon log" in exc.value.message

@@ -10,8 +10,9 @@ from aiosd.errors import Busy, ShuttingDown
 from aiosd.kernel.scheduler import Priority, Scheduler
 
 
-async def _hold(sched: Scheduler, order: list[int], tag: int, prio: Priority,
-                release: asyncio.Event) -> None:
+async def _hold(
+    sched: Scheduler, order: list[int], tag: int, prio: Priority, release: asyncio.Event
+) -> None:
     async with sched.slot("m", uid=1000 + tag, pid=tag, priority=prio):
         order.append(tag)
         await release.wait()
@@ -25,8 +26,14 @@ def test_waiting_requests_start_in_priority_then_arrival_order() -> None:
         gates = {i: asyncio.Event() for i in range(7)}
         tasks = [asyncio.create_task(_hold(sched, order, 0, Priority.normal, gates[0]))]
         await asyncio.sleep(0)
-        prios = [Priority.batch, Priority.normal, Priority.batch, Priority.interactive,
-                 Priority.normal, Priority.interactive]
+        prios = [
+            Priority.batch,
+            Priority.normal,
+            Priority.batch,
+            Priority.interactive,
+            Priority.normal,
+            Priority.interactive,
+        ]
         for i, prio in enumerate(prios, start=1):
             tasks.append(asyncio.create_task(_hold(sched, order, i, prio, gates[i])))
             await asyncio.sleep(0)
