@@ -54,8 +54,8 @@ class Backend(abc.ABC):
     once); ``chat`` receives what it returned and is called by the scheduler with a slot
     index in ``range(slots)``; the scheduler guarantees that no two generations use the same
     slot at once.  Cancelling the iterator (closing it, or cancelling the task that drives it)
-    must stop the generation promptly
-    and release everything the slot holds before ``aclose`` returns.
+    must stop the generation promptly and release everything the slot holds before
+    ``aclose`` returns.
     """
 
     def __init__(self, name: str, slots: int) -> None:

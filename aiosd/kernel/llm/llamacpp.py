@@ -75,7 +75,7 @@ class LlamaCppBackend(Backend):
         )
 
     async def start(self) -> None:
-        """Load the model once per slot, plus a vocabulary-only copy for tokenizing."""
+        """Load the model once per slot (the weights are mmapped and shared)."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)
 
@@ -87,7 +87,6 @@ class LlamaCppBackend(Backend):
         if not path.is_file():
             raise BackendUnavailable(f"model file {path} does not exist")
         t0 = time.monotonic()
-        self._vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
         self._slots = [
             Llama(
                 model_path=str(path),
@@ -98,6 +97,9 @@ class LlamaCppBackend(Backend):
             )
             for _ in range(self.cfg.slots)
         ]
+        # Tokenizing reads only the model's vocabulary, never a context, so slot 0's model
+        # serves every request's tokenizing while any slot generates.
+        self._vocab = self._slots[0]
         template = self._vocab.metadata.get("tokenizer.chat_template")
         if not template:
             raise BackendUnavailable(f"model {path.name} has no chat template")
