@@ -102,7 +102,7 @@ class BackendUnavailable(AiosError):
 
 
 class Cancelled(AiosError):
-    """The request was cancelled (client gone, or daemon stopping)."""
+    """A generation ended without finishing (its backend stream stopped early)."""
 
     rpc_code = -32006
     dbus_name = DBUS_ERROR_PREFIX + "Cancelled"

@@ -12,7 +12,7 @@ from aiosd import __version__
 from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscalls import SYSCALLS
-from aiosd.sdk.client import Client, DaemonUnreachable, default_socket
+from aiosd.sdk.client import DEFAULT_SOCKET, Client, DaemonUnreachable, default_socket
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=argparse.SUPPRESS,
         metavar="PATH",
-        help=f"daemon socket (default $AIOSD_SOCKET or {default_socket()})",
+        help=f"daemon socket (default: $AIOSD_SOCKET, else {DEFAULT_SOCKET})",
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON results"
@@ -250,4 +250,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        # stdout closed early (aiosctl ask ... | head): not an error of ours.
         return EXIT_OK

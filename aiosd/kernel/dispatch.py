@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from aiosd.errors import AiosError, InternalError, InvalidParams, MethodNotFound
 from aiosd.kernel.syscalls import SYSCALLS, Emit
-from aiosd.managers.access import Caller
+from aiosd.managers.access import Caller, Role
 
 if TYPE_CHECKING:
     from aiosd.kernel.kernel import Kernel
@@ -34,6 +34,11 @@ async def dispatch(
     kernel: Kernel, name: str, params: Any, caller: Caller, emit: Emit | None = None
 ) -> dict[str, Any]:
     """Run syscall ``name`` for ``caller``; return its JSON-ready result or raise AiosError."""
+    if kernel.access.role(caller) is Role.none:
+        # Callers with no role learn nothing, not even which syscalls or params exist.
+        refusal = kernel.access.refusal(caller)
+        kernel.access.audit(caller, name[:64], "denied", refusal.message)
+        raise refusal
     spec = SYSCALLS.get(name)
     if spec is None:
         kernel.access.audit(caller, name[:64], "unknown")

@@ -168,7 +168,6 @@ class Kernel:
                 async for chunk in chunks:
                     if chunk.done:
                         final = chunk
-                        break
                     if first_token is None and (chunk.content or chunk.tool_calls):
                         first_token = time.monotonic()
                     parts.append(chunk.content)
@@ -179,6 +178,8 @@ class Kernel:
                             note["tool_calls"] = chunk.tool_calls
                         await emit(note)
                         seq += 1
+                    if chunk.done:
+                        break
         if final is None:
             raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
         end = time.monotonic()

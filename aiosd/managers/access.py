@@ -88,15 +88,19 @@ class AccessManager:
         if permission is None:
             raise PermissionDenied(f"{syscall} declares no permission and is refused")
         if role is Role.none:
-            raise PermissionDenied(
-                f"uid {caller.uid} may not use aiosd: it is not root and not a member of "
-                f"group {self.cfg.user_group!r} or {self.cfg.admin_group!r}"
-            )
+            raise self.refusal(caller)
         if permission is Permission.admin and role is not Role.admin:
             raise PermissionDenied(
                 f"{syscall} is for administrators: root or members of {self.cfg.admin_group!r}"
             )
         return role
+
+    def refusal(self, caller: Caller) -> PermissionDenied:
+        """The error for a caller who has no role at all."""
+        return PermissionDenied(
+            f"uid {caller.uid} may not use aiosd: it is not root and not a member of "
+            f"group {self.cfg.user_group!r} or {self.cfg.admin_group!r}"
+        )
 
     def audit(self, caller: Caller, syscall: str, verdict: str, detail: str = "") -> None:
         """Record one decision with the caller's identity (journal fields when journald runs)."""

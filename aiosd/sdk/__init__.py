@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aiosd.errors import AiosError
 from aiosd.sdk.client import AsyncClient, Client, DaemonUnreachable, default_socket
 
-__all__ = ["AsyncClient", "Client", "DaemonUnreachable", "default_socket"]
+__all__ = ["AiosError", "AsyncClient", "Client", "DaemonUnreachable", "default_socket"]

@@ -211,9 +211,17 @@ class Client:
             self.connect()
         assert self._sock is not None
         req_id = next(self._ids)
-        self._sock.sendall(_frame(req_id, method, params))
+        try:
+            self._sock.sendall(_frame(req_id, method, params))
+        except OSError as exc:
+            raise DaemonUnreachable(self.path, f"sending failed: {exc.strerror or exc}") from None
         while True:
-            line = self._file.readline()
+            try:
+                line = self._file.readline()
+            except OSError as exc:
+                raise DaemonUnreachable(
+                    self.path, f"reading failed: {exc.strerror or exc}"
+                ) from None
             if not line:
                 raise DaemonUnreachable(self.path, "the daemon closed the connection")
             msg = json.loads(line)

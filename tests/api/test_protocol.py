@@ -167,3 +167,34 @@ def test_every_syscall_is_reachable_over_the_socket(client: RawClient) -> None:
         reply = client.call(name, minimal.get(name, {}), req_id=name)
         assert "result" in reply, (name, reply)
         spec.result.model_validate(reply["result"])
+
+
+def test_half_closed_client_still_gets_its_answers(daemon: Daemon) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(str(daemon.socket_path))
+    s.sendall(
+        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "llm.chat", "params": {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+        }}).encode() + b"\n"
+    )
+    s.shutdown(socket.SHUT_WR)  # like `socat` at the end of its input
+    lines = s.makefile("rb").read().splitlines()  # until the daemon closes
+    s.close()
+    final = json.loads(lines[-1])
+    assert final["id"] == 1 and final["result"]["usage"]["completion_tokens"] == 6
+    assert all(json.loads(x)["method"] == "stream" for x in lines[:-1])
+
+
+def test_frame_limit_counts_the_newline(daemon: Daemon) -> None:
+    limit = 1024 * 1024
+    base = {"jsonrpc": "2.0", "id": 1, "method": "system.status", "params": {}}
+    pad = limit - len(json.dumps(base).encode()) - 1  # exactly `limit` bytes with the newline
+    exact = json.dumps(base).encode()[:-1] + b" " * pad + b"}\n"
+    assert len(exact) == limit
+    c = RawClient(daemon.socket_path)
+    c.send_raw(exact)
+    assert "result" in c.recv()
+    c.send_raw(exact[:-2] + b" }\n")  # one byte more
+    assert c.recv()["error"]["code"] == -32007
+    c.close()

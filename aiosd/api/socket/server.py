@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pwd
+import select
 import socket
 import stat
 import struct
@@ -84,7 +85,11 @@ class SocketServer:
             if isinstance(name, str) and name:
                 self.path = Path(name)
         self._server = await asyncio.start_unix_server(
-            self._accept, sock=sock, limit=self.cfg.max_frame_bytes + 1
+            # readline() refuses a line whose newline lies beyond index ``limit``: with
+            # max_frame_bytes - 1 the longest frame accepted is max_frame_bytes, newline included.
+            self._accept,
+            sock=sock,
+            limit=self.cfg.max_frame_bytes - 1,
         )
         log.info("listening on %s%s", self.path, " (socket activation)" if self.activated else "")
 
@@ -179,6 +184,7 @@ class _Connection:
         self.writer = writer
         self.caller = caller
         self.tasks: set[asyncio.Task[None]] = set()
+        self.replies: set[asyncio.Task[None]] = set()
         self.finished = asyncio.Event()
         self._reader_task: asyncio.Task[Any] | None = None
 
@@ -191,21 +197,25 @@ class _Connection:
         """Read frames until EOF; then cancel whatever is still running for this client."""
         self._reader_task = asyncio.current_task()
         try:
-            await self._read_loop()
+            if await self._read_loop() and self.tasks:
+                # The client only shut down its writing side: answer what it asked.
+                await asyncio.gather(*self.tasks, return_exceptions=True)
         except asyncio.CancelledError:
             pass
         finally:
             # A client that went away cancels its generations, which frees their slots.
             for task in self.tasks:
                 task.cancel()
-            if self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
+            pending = self.tasks | self.replies
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
             self.finished.set()
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self) -> bool:
+        """Serve frames; return True at a half-close (peer still reading), False otherwise."""
         limit = self.server.cfg.max_frame_bytes
         while True:
             try:
@@ -216,14 +226,27 @@ class _Connection:
                     data={"limit": limit},
                 )
                 await self._send(_error(None, err))
-                return
+                return False
             except ConnectionError:
-                return
+                return False
             if not line:
-                return
+                return self._half_closed()
             if not line.strip():
                 continue
             self._handle_frame(line)
+
+    def _half_closed(self) -> bool:
+        """At EOF: did the peer shut down only its writing side (it still reads)?
+
+        A peer that closed or died leaves our socket fully shut down (POLLHUP); one that
+        called shutdown(SHUT_WR) does not, and still expects its answers.
+        """
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     def _handle_frame(self, line: bytes) -> None:
         try:
@@ -265,9 +288,10 @@ class _Connection:
         task.add_done_callback(self.tasks.discard)
 
     def _reply_soon(self, req_id: Any, err: AiosError) -> None:
+        # Error replies are not requests in flight: they do not count against the limit.
         task = asyncio.create_task(self._send(_error(req_id, err)))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.replies.add(task)
+        task.add_done_callback(self.replies.discard)
 
     async def _run(self, req_id: Any, method: str, params: Any, notify_only: bool) -> None:
         async def emit(note: dict[str, Any]) -> None:

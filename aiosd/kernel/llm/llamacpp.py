@@ -262,9 +262,8 @@ class LlamaCppBackend(Backend):
                 yield "text", text
             if produced >= prepared.max_tokens:
                 break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield "text", tail
+        # Bytes still held by the decoder are a character cut in half by the token limit:
+        # they are not text, so they are dropped rather than shown as U+FFFD.
         yield (
             "done",
             ChatChunk(
