@@ -444,7 +444,6 @@ def test_aiosctl_man_page_exit_statuses() -> None:
     assert "AIOSD_SOCKET" in roff_to_text(sections["ENVIRONMENT"])
 
 
-@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 @pytest.mark.parametrize("page", [MAN_AIOSD, MAN_AIOSCTL, MAN_CONFIG], ids=lambda p: p.name)
 def test_man_page_renders_without_warnings(page: Path) -> None:
     proc = subprocess.run(
