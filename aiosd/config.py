@@ -52,6 +52,20 @@ class SocketConfig(_Section):
     max_inflight_per_connection: Annotated[int, Field(ge=1, le=4096)] = 16
 
 
+class DBusConfig(_Section):
+    """[dbus]: the D-Bus front-end."""
+
+    enabled: bool = True
+    bus: str = "system"
+
+    @field_validator("bus")
+    @classmethod
+    def _bus_kind(cls, bus: str) -> str:
+        if bus in ("system", "session") or (":" in bus and "=" in bus):
+            return bus
+        raise ValueError("must be 'system', 'session' or a D-Bus address such as unix:path=...")
+
+
 class AccessConfig(_Section):
     """[access]: who may use the daemon."""
 
@@ -134,6 +148,7 @@ class Config(_Section):
 
     daemon: DaemonConfig = DaemonConfig()
     socket: SocketConfig = SocketConfig()
+    dbus: DBusConfig = DBusConfig()
     access: AccessConfig = AccessConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

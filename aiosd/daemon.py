@@ -20,6 +20,7 @@ from aiosd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, LoadedConfig,
 from aiosd.errors import AiosError
 
 if TYPE_CHECKING:
+    from aiosd.api.dbus.service import DBusFrontend
     from aiosd.api.socket.server import SocketServer
 
 log = logging.getLogger("aiosd")
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-socket", action="store_true", help="run without the Unix-socket front-end"
     )
+    ap.add_argument("--no-dbus", action="store_true", help="run without the D-Bus front-end")
     ap.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -104,6 +106,7 @@ class Daemon:
         self.config = loaded.config
         self.kernel = Kernel(self.config)
         self.socket_server: SocketServer | None = None
+        self.dbus: DBusFrontend | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -116,6 +119,7 @@ class Daemon:
         sd.notify("STATUS=loading models")
         await self.kernel.start()
         await self._start_socket()
+        await self._start_dbus()
         sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
         self._announce()
         interval = sd.watchdog_interval()
@@ -137,6 +141,16 @@ class Daemon:
         self.socket_server = server
         await server.start(None if self.args.socket else sd.listen_socket())
         await server.self_check()
+
+    async def _start_dbus(self) -> None:
+        if self.args.no_dbus or not self.config.dbus.enabled:
+            log.info("D-Bus front-end disabled")
+            return
+        from aiosd.api.dbus.service import DBusFrontend
+
+        frontend = DBusFrontend(self.kernel, self.config.dbus, asyncio.get_running_loop())
+        await frontend.start()  # returns once the name is owned: READY=1 may follow
+        self.dbus = frontend
 
     def _announce(self) -> None:
         if self.socket_server is not None:
@@ -198,7 +212,19 @@ class Daemon:
             task.cancel()
         if self.socket_server is not None:
             await self.socket_server.stop_accepting(cfg.stop_accepting_timeout)
+        if self.dbus is not None:
+            try:
+                await asyncio.wait_for(self.dbus.stop_accepting(), cfg.stop_accepting_timeout)
+            except TimeoutError:
+                log.warning(
+                    "D-Bus: releasing the name took longer than %.1fs", cfg.stop_accepting_timeout
+                )
         await self.kernel.stop(cfg.drain_timeout, cfg.close_timeout)
+        if self.dbus is not None:
+            try:
+                await asyncio.wait_for(self.dbus.close(), timeout=cfg.close_timeout)
+            except TimeoutError:
+                log.warning("D-Bus: closing took longer than %.1fs", cfg.close_timeout)
         if self.socket_server is not None:
             try:
                 await asyncio.wait_for(self.socket_server.close(), timeout=cfg.close_timeout)

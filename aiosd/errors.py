@@ -151,6 +151,14 @@ def _all_subclasses(cls: type[AiosError]) -> list[type[AiosError]]:
     return out
 
 
+def error_for_dbus_name(name: str, message: str) -> AiosError:
+    """Rebuild the error a D-Bus error name stands for (used by D-Bus clients)."""
+    for cls in _all_subclasses(AiosError):
+        if cls.dbus_name == name:
+            return cls(message)
+    return AiosError(message)
+
+
 def error_for_code(code: int, message: str, data: dict[str, Any] | None = None) -> AiosError:
     """Rebuild the error class a JSON-RPC error code stands for (used by clients)."""
     for cls in _all_subclasses(AiosError):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Daemon, write_config
+from tests.support import Daemon, PrivateBus, write_config
 
 USER_GROUP = "aios"
 USER_IN = "aiosd-test-in"
@@ -97,3 +97,14 @@ def tmp_dir(tmp_path: Path) -> Path:
     """A temporary directory everyone can traverse (for sockets other users connect to)."""
     tmp_path.chmod(0o755)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def private_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
+    """One real dbus-daemon for the session, reachable by the test users."""
+    import tempfile
+
+    bus = PrivateBus(Path(tempfile.mkdtemp(prefix="aiosd-bus-")))
+    bus.start()
+    yield bus
+    bus.stop()

@@ -76,7 +76,9 @@ class NotifySocket:
         self._sock.close()
 
 
-def write_config(directory: Path, extra: str = "", slots: int = 2) -> Path:
+def write_config(
+    directory: Path, extra: str = "", slots: int = 2, dbus_address: str | None = None
+) -> Path:
     """A config file that keeps every path of the daemon inside ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     cfg = directory / "aiosd.toml"
@@ -87,6 +89,10 @@ state_directory = "{directory / "state"}"
 runtime_directory = "{directory / "run"}"
 log_level = "info"
 log_target = "stderr"
+
+[dbus]
+enabled = {"true" if dbus_address else "false"}
+bus = "{dbus_address or "system"}"
 
 [shutdown]
 drain_timeout = 5.0
@@ -141,7 +147,8 @@ class Daemon:
 
     def log(self) -> str:
         """Everything the daemon wrote so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -200,3 +207,39 @@ class RawClient:
         """Close the connection."""
         self.file.close()
         self.sock.close()
+
+
+class PrivateBus:
+    """A real dbus-daemon started from tests/dbus/bus.conf.in, with aiosd's bus policy."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        self.socket = directory / "bus.sock"
+        self.address = f"unix:path={self.socket}"
+        self.config = directory / "bus.conf"
+        template = (REPO / "tests" / "dbus" / "bus.conf.in").read_text()
+        policy = REPO / "packaging" / "dbus" / "org.aiosd.Daemon1.conf"
+        self.config.write_text(
+            template.replace("@LISTEN@", self.address).replace("@POLICY@", str(policy))
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the bus and wait until it accepts connections."""
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={self.config}",
+             "--print-address"],
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        printed = self.proc.stdout.readline().decode().strip()
+        assert printed.startswith(f"unix:path={self.socket}"), printed
+        self.socket.chmod(0o777)
+
+    def stop(self) -> None:
+        """Kill the bus (as a crash would)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.socket.unlink(missing_ok=True)

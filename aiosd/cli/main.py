@@ -12,7 +12,13 @@ from aiosd import __version__
 from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscalls import SYSCALLS
-from aiosd.sdk.client import DEFAULT_SOCKET, Client, DaemonUnreachable, default_socket
+from aiosd.sdk.client import (
+    DEFAULT_SOCKET,
+    Client,
+    DaemonUnreachable,
+    SyscallClient,
+    default_socket,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON results"
+    )
+    common.add_argument(
+        "--bus",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="talk to the daemon over D-Bus (the system bus, or $DBUS_SYSTEM_BUS_ADDRESS) "
+        "instead of its socket",
     )
     exits = "\n".join(f"  {code:<3} {text}" for code, text in EXIT_CODES.items())
     ap = argparse.ArgumentParser(
@@ -105,7 +118,7 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def cmd_status(client: Client, args: argparse.Namespace) -> int:
+def cmd_status(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl status."""
     st = client.call("system.status")
     if args.json:
@@ -119,7 +132,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_models(client: Client, args: argparse.Namespace) -> int:
+def cmd_models(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl models."""
     res = client.call("llm.models")
     if args.json:
@@ -135,7 +148,7 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_queue(client: Client, args: argparse.Namespace) -> int:
+def cmd_queue(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl queue."""
     res = client.call("system.queue")
     if args.json:
@@ -159,7 +172,7 @@ def cmd_queue(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_ask(client: Client, args: argparse.Namespace) -> int:
+def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl ask."""
     messages = []
     if args.system:
@@ -190,7 +203,7 @@ def cmd_ask(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_call(client: Client, args: argparse.Namespace) -> int:
+def cmd_call(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl call SYSCALL [JSON]."""
     params = args.params
     if SYSCALLS[args.method].streams and params.get("stream"):
@@ -200,6 +213,14 @@ def cmd_call(client: Client, args: argparse.Namespace) -> int:
     else:
         _print_json(client.call(args.method, params))
     return EXIT_OK
+
+
+def _client(args: argparse.Namespace, path: Path) -> Any:
+    if getattr(args, "bus", False):
+        from aiosd.sdk.dbus import BusClient
+
+        return BusClient()
+    return Client(path)
 
 
 def _check_input(args: argparse.Namespace) -> None:
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     path = getattr(args, "socket", None) or default_socket()
     try:
         _check_input(args)
-        with Client(path) as client:
+        with _client(args, path) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as exc:
         print(f"aiosctl: {exc}", file=sys.stderr)

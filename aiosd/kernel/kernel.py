@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from aiosd import __version__
@@ -53,7 +54,9 @@ class Kernel:
     def __init__(self, config: Config, *, backends: dict[str, Backend] | None = None) -> None:
         self.config = config
         self.access = AccessManager(config.access)
-        self.scheduler = Scheduler(config.scheduler.queue_size)
+        self.scheduler = Scheduler(config.scheduler.queue_size, on_change=self.changed)
+        #: Called (on the event loop) whenever the state, queue or models change.
+        self.listeners: list[Callable[[], None]] = []
         self.backends: dict[str, Backend] = (
             backends
             if backends is not None
@@ -66,22 +69,33 @@ class Kernel:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    def changed(self) -> None:
+        """Tell the front-ends that something they show has changed."""
+        for listener in list(self.listeners):
+            listener()
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.changed()
+
     async def start(self) -> None:
         """Load or connect every model; the kernel is usable when this returns."""
         for name, backend in self.backends.items():
             await backend.start()
             self.scheduler.add_model(name, backend.slots)
-        self.state = "running"
+        self._set_state("running")
 
     async def reload(self, config: Config) -> list[str]:
         """Apply a new config where it can be applied live; return what needs a restart."""
-        self.state = "reloading"
+        self._set_state("reloading")
         try:
             needs_restart = [
                 section
                 for section in ("socket", "llm")
                 if getattr(config, section) != getattr(self.config, section)
             ]
+            if config.dbus != self.config.dbus:
+                needs_restart.append("dbus")
             if (config.daemon.state_directory, config.daemon.runtime_directory) != (
                 self.config.daemon.state_directory,
                 self.config.daemon.runtime_directory,
@@ -92,11 +106,11 @@ class Kernel:
             self.config = config
             return needs_restart
         finally:
-            self.state = "running"
+            self._set_state("running")
 
     async def stop(self, drain_timeout: float, close_timeout: float) -> None:
         """Refuse new work, let running generations finish for ``drain_timeout``, then cancel."""
-        self.state = "stopping"
+        self._set_state("stopping")
         self.scheduler.close()
         pending = {t for t in self._inflight if not t.done()}
         if pending:

@@ -13,7 +13,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,8 +69,9 @@ class _ModelQueue:
 class Scheduler:
     """Queues and slots for every configured model."""
 
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, on_change: Callable[[], None] | None = None) -> None:
         self.queue_size = queue_size
+        self._on_change = on_change
         self._queues: dict[str, _ModelQueue] = {}
         self._ids = itertools.count(1)
         self._closed = False
@@ -89,6 +90,11 @@ class Scheduler:
             yield ticket
         finally:
             self._release(ticket)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def _acquire(self, model: str, uid: int, pid: int, priority: Priority) -> Ticket:
         if self._closed:
@@ -99,17 +105,20 @@ class Scheduler:
         ticket = Ticket(id=next(self._ids), model=model, uid=uid, pid=pid, priority=priority)
         if not q.waiting and q.free:
             self._start(q, ticket, q.free.pop(0))
+            self._changed()
             return ticket
         if len(q.waiting) >= self.queue_size:
             self._make_room(q, ticket)
         ticket.future = asyncio.get_running_loop().create_future()
         keys = [t.sort_key for t in q.waiting]
         q.waiting.insert(bisect.bisect(keys, ticket.sort_key), ticket)
+        self._changed()
         try:
             await ticket.future
         except asyncio.CancelledError:
             if ticket in q.waiting:
                 q.waiting.remove(ticket)
+                self._changed()
             elif ticket.slot is not None:
                 # Granted in the same tick we were cancelled: give the slot back.
                 self._release(ticket)

@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiosd.errors import AiosError, InternalError, error_for_code
 
@@ -29,13 +29,13 @@ def default_socket() -> Path:
 
 
 class DaemonUnreachable(ConnectionError):
-    """The daemon's socket cannot be connected to."""
+    """The daemon cannot be reached (its socket, or its name on the bus)."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str, hint: str = "pass --socket PATH") -> None:
         self.path = path
         super().__init__(
             f"cannot reach aiosd at {path}: {reason}. Is the daemon running? Start it with "
-            "'systemctl start aiosd' (or run 'aiosd' in a terminal), or pass --socket PATH."
+            f"'systemctl start aiosd' (or run 'aiosd' in a terminal), or {hint}."
         )
 
 
@@ -50,6 +50,18 @@ def _frame(req_id: int, method: str, params: dict[str, Any] | None) -> bytes:
     if params is not None:
         msg["params"] = params
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+class SyscallClient(Protocol):
+    """What aiosctl needs of a client: the socket's Client and the D-Bus BusClient both fit."""
+
+    last_result: Any
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Make one syscall and return its result."""
+
+    def stream(self, method: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Yield a streaming syscall's notifications; leave the result in last_result."""
 
 
 class AsyncClient:

@@ -1,0 +1,42 @@
+"""Every D-Bus name aiosd uses, in one place.  The version is part of the names."""
+
+from __future__ import annotations
+
+BUS_NAME = "org.aiosd.Daemon1"
+OBJECT_PATH = "/org/aiosd/Daemon1"
+REQUEST_PATH_PREFIX = OBJECT_PATH + "/request"
+
+INTERFACE_PREFIX = "org.aiosd.Daemon1."
+#: One interface on the manager object per syscall family.
+FAMILY_INTERFACES = {
+    "llm": INTERFACE_PREFIX + "LLM",
+    "system": INTERFACE_PREFIX + "System",
+}
+#: The interface of request objects (long operations such as a streaming chat).
+REQUEST_INTERFACE = INTERFACE_PREFIX + "Request"
+#: Where the manager's properties live.
+PROPERTIES_INTERFACE = FAMILY_INTERFACES["system"]
+
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+DBUS_PROPERTIES = "org.freedesktop.DBus.Properties"
+
+#: Error names come from aiosd.errors (AiosError.dbus_name); these are the bus's own.
+DBUS_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+DBUS_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+DBUS_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+DBUS_UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
+
+
+def method_name(syscall: str) -> str:
+    """``llm.chat`` → ``Chat``; ``storage.put_many`` → ``PutMany``."""
+    return "".join(part.capitalize() for part in syscall.split(".", 1)[1].split("_"))
+
+
+def start_method_name(syscall: str) -> str:
+    """The method that starts a streaming syscall as a request object: ``StartChat``."""
+    return "Start" + method_name(syscall)
+
+
+def family_interface(syscall: str) -> str:
+    """The interface that carries a syscall's methods."""
+    return FAMILY_INTERFACES[syscall.split(".", 1)[0]]

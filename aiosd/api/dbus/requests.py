@@ -1,0 +1,149 @@
+"""Request objects: ``/org/aiosd/Daemon1/request/N``, one per started long operation.
+
+A request object lives while its syscall runs.  It emits ``Token`` for each streamed piece,
+then ``Finished`` (the result) or ``Failed`` (error name and message), and disappears.
+Everything it emits goes to the connection that started it, and nobody else may call it or
+read it: to other connections it does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from gi.repository import Gio, GLib
+
+from aiosd.api.dbus import names
+from aiosd.api.dbus.introspection import request_xml
+from aiosd.api.dbus.variants import to_vardict
+from aiosd.errors import AiosError, Cancelled, InternalError
+
+if TYPE_CHECKING:
+    from aiosd.api.dbus.service import DBusFrontend
+
+log = logging.getLogger(__name__)
+
+_INTERFACE = Gio.DBusNodeInfo.new_for_xml(request_xml()).interfaces[0]
+
+
+class RequestObject:
+    """One running request on the bus."""
+
+    def __init__(
+        self, frontend: DBusFrontend, con: Gio.DBusConnection, path: str, owner: str, syscall: str
+    ) -> None:
+        self.frontend = frontend
+        self.con = con
+        self.path = path
+        self.owner = owner
+        self.syscall = syscall
+        #: pending (accepted, nothing produced yet) → streaming → finished | failed | cancelled
+        self.state = "pending"
+        self.future: concurrent.futures.Future[Any] | None = None
+        self._reg = con.register_object(path, _INTERFACE, self._on_call, None, None)
+
+    def properties(self) -> dict[str, GLib.Variant]:
+        """The request interface's properties."""
+        return {"State": GLib.Variant("s", self.state), "Syscall": GLib.Variant("s", self.syscall)}
+
+    def announce(self) -> None:
+        """InterfacesAdded, to the owner only."""
+        self._signal(
+            names.OBJECT_PATH,
+            names.OBJECT_MANAGER,
+            "InterfacesAdded",
+            GLib.Variant("(oa{sa{sv}})", (self.path, {names.REQUEST_INTERFACE: self.properties()})),
+        )
+
+    async def run(self, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
+        """Drive the syscall; report how it ended; remove the object."""
+        try:
+            result = await work
+        except asyncio.CancelledError:
+            self._set_state("cancelled")
+            self._emit("Failed", "(ss)", (Cancelled.dbus_name, "the request was cancelled"))
+            raise
+        except AiosError as exc:
+            self._set_state("failed")
+            self._emit("Failed", "(ss)", (exc.dbus_name, exc.message))
+        except Exception:
+            log.exception("request %s failed", self.path)
+            self._set_state("failed")
+            self._emit("Failed", "(ss)", (InternalError.dbus_name, "internal error"))
+        else:
+            self._set_state("finished")
+            self._emit("Finished", "(a{sv})", (to_vardict(result),))
+        finally:
+            self._remove()
+
+    async def emit_token(self, note: dict[str, Any]) -> None:
+        """A streamed piece of the answer (called by the kernel for each notification)."""
+        if self.state == "pending":
+            self._set_state("streaming")
+        self._emit("Token", "(ts)", (int(note.get("seq", 0)), str(note.get("content", ""))))
+
+    def cancel(self) -> None:
+        """Stop the request (thread-safe)."""
+        if self.future is not None:
+            self.future.cancel()
+
+    def _emit(self, signal: str, signature: str, args: tuple[Any, ...]) -> None:
+        self._signal(self.path, names.REQUEST_INTERFACE, signal, GLib.Variant(signature, args))
+
+    def _signal(self, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
+        try:
+            self.con.emit_signal(self.owner, path, iface, signal, args)
+        except GLib.Error as exc:  # the bus went away: nobody to tell
+            log.debug("signal %s.%s not sent: %s", iface, signal, exc.message)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._signal(
+            self.path,
+            names.DBUS_PROPERTIES,
+            "PropertiesChanged",
+            GLib.Variant(
+                "(sa{sv}as)", (names.REQUEST_INTERFACE, {"State": GLib.Variant("s", state)}, [])
+            ),
+        )
+
+    def _remove(self) -> None:
+        self.con.unregister_object(self._reg)
+        self._signal(
+            names.OBJECT_PATH,
+            names.OBJECT_MANAGER,
+            "InterfacesRemoved",
+            GLib.Variant("(oas)", (self.path, [names.REQUEST_INTERFACE])),
+        )
+        self.frontend.forget(self)
+
+    def _on_call(
+        self,
+        con: Gio.DBusConnection,
+        sender: str,
+        path: str,
+        iface: str,
+        method: str,
+        params: GLib.Variant,
+        invocation: Gio.DBusMethodInvocation,
+    ) -> None:
+        if sender != self.owner:
+            invocation.return_dbus_error(names.DBUS_UNKNOWN_OBJECT, f"no object at {path}")
+            return
+        if iface == names.REQUEST_INTERFACE and method == "Cancel":
+            self.cancel()
+            invocation.return_value(None)
+        elif iface == names.DBUS_PROPERTIES and method == "GetAll":
+            invocation.return_value(GLib.Variant("(a{sv})", (self.properties(),)))
+        elif iface == names.DBUS_PROPERTIES and method == "Get":
+            prop = params.unpack()[1]
+            props = self.properties()
+            if prop not in props:
+                invocation.return_dbus_error(names.DBUS_INVALID_ARGS, f"no property {prop!r}")
+                return
+            invocation.return_value(GLib.Variant("(v)", (props[prop],)))
+        else:
+            invocation.return_dbus_error(names.DBUS_ACCESS_DENIED, "the properties are read-only")

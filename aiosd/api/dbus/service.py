@@ -1,0 +1,466 @@
+"""The D-Bus front-end: ``org.aiosd.Daemon1`` on the system bus (or another bus).
+
+Threads: GLib's main loop runs in its own thread and receives every bus call.  A call hops to
+the asyncio kernel with ``run_coroutine_threadsafe`` and its reply is sent from the future's
+completion callback (GDBus invocations and signal emission are thread-safe), so neither side
+ever waits for the other.  pydbus opens the connection and owns the name; objects are
+registered with GDBus directly because pydbus returns a method's reply when the Python method
+returns, and a reply here must wait for the kernel without blocking the GLib thread.
+
+Identity comes from the bus (``GetConnectionCredentials``: uid, pid, groups) and becomes the
+same :class:`Caller` the socket builds from SO_PEERCRED.  Signals that carry a user's data
+(tokens, results, request objects appearing) are unicast to the requesting connection.
+
+If the bus goes away, the daemon keeps serving its socket and reconnects with backoff, then
+registers its objects and owns its name again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import pwd
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import pydbus
+from gi.repository import Gio, GLib
+
+from aiosd import __version__
+from aiosd.api.dbus import names
+from aiosd.api.dbus.introspection import (
+    PROPERTIES,
+    TRANSPORT_FIELDS,
+    BusMethod,
+    bus_methods,
+    manager_xml,
+)
+from aiosd.api.dbus.requests import RequestObject
+from aiosd.api.dbus.variants import to_vardict
+from aiosd.config import DBusConfig
+from aiosd.errors import AiosError, BackendUnavailable, InternalError, InvalidParams, ShuttingDown
+from aiosd.kernel.kernel import Kernel
+from aiosd.managers.access import Caller
+
+log = logging.getLogger(__name__)
+
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+CREDENTIALS_CACHE = 4096
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 10.0
+
+
+def bus_address(bus: str) -> str:
+    """The address of ``system``, ``session`` or an explicit address."""
+    if bus == "system":
+        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+    if bus == "session":
+        address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+        if not address:
+            raise BackendUnavailable("dbus.bus = 'session' but DBUS_SESSION_BUS_ADDRESS is unset")
+        return address
+    return bus
+
+
+class DBusFrontend:
+    """Owns the bus connection, the manager object and the request objects."""
+
+    def __init__(self, kernel: Kernel, cfg: DBusConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.kernel = kernel
+        self.loop = loop
+        self.address = bus_address(cfg.bus)
+        self.connected = False
+        self._bus: Any = None
+        self._registrations: list[int] = []
+        self._methods = bus_methods()
+        self._node = Gio.DBusNodeInfo.new_for_xml(manager_xml())
+        self._mainloop = GLib.MainLoop()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._accepting = True
+        self._callers: OrderedDict[str, Caller] = OrderedDict()
+        self._inflight: dict[str, set[concurrent.futures.Future[Any]]] = {}
+        self.requests: dict[str, RequestObject] = {}
+        self._ids = itertools.count(1)
+        self._props_lock = threading.Lock()
+        self._props: dict[str, Any] = {}
+        self._props_pending = False
+
+    # --- lifecycle (asyncio side) ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, register, own the name; return only when the name is ours."""
+        self._thread = threading.Thread(target=self._mainloop.run, name="glib", daemon=True)
+        self._thread.start()
+        self._refresh_properties(emit=False)
+        try:
+            await asyncio.wrap_future(self._in_glib(self._connect))
+        except GLib.Error as exc:
+            await self._halt()
+            raise BackendUnavailable(
+                f"cannot use the D-Bus bus at {self.address}: {exc.message}; start the bus "
+                "(systemctl start dbus), or run aiosd with --no-dbus"
+            ) from None
+        except Exception:
+            await self._halt()
+            raise
+        self.kernel.listeners.append(self._kernel_changed)
+        log.info("D-Bus: %s on %s", names.BUS_NAME, self.address)
+
+    async def stop_accepting(self) -> None:
+        """Release the name: new calls fail at the bus; running ones still get answers."""
+        self._accepting = False
+        await asyncio.wrap_future(self._in_glib(self._release_name))
+
+    async def close(self) -> None:
+        """Cancel what is left, unregister everything, close the connection."""
+        self._stopping = True
+        if self._kernel_changed in self.kernel.listeners:
+            self.kernel.listeners.remove(self._kernel_changed)
+        await asyncio.wrap_future(self._in_glib(self._teardown))
+        await self._halt()
+
+    async def _halt(self) -> None:
+        self._mainloop.quit()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+
+    def _in_glib(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` in the GLib thread; its outcome arrives in the returned future."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> bool:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the waiting side
+                fut.set_exception(exc)
+            return False
+
+        GLib.idle_add(run)
+        return fut
+
+    # --- connection (GLib thread) ---------------------------------------------------------
+
+    def _connect(self) -> None:
+        bus = pydbus.connect(self.address)
+        con = bus.con
+        con.set_exit_on_close(False)
+        try:
+            regs = [
+                con.register_object(names.OBJECT_PATH, iface, self._on_call, None, None)
+                for iface in self._node.interfaces
+            ]
+            flags = 4  # DBUS_NAME_FLAG_DO_NOT_QUEUE: fail rather than wait in line
+            reply = bus.dbus.RequestName(names.BUS_NAME, flags)
+            if reply != 1:
+                raise BackendUnavailable(
+                    f"{names.BUS_NAME} is already owned by another process on {self.address}"
+                )
+        except BaseException:
+            con.close_sync(None)
+            raise
+        con.signal_subscribe(
+            "org.freedesktop.DBus",
+            "org.freedesktop.DBus",
+            "NameOwnerChanged",
+            "/org/freedesktop/DBus",
+            None,
+            Gio.DBusSignalFlags.NONE,
+            self._on_name_owner,
+            None,
+        )
+        con.connect("closed", self._on_closed)
+        self._bus, self._registrations = bus, regs
+        self.connected = True
+
+    def _release_name(self) -> None:
+        if self.connected:
+            try:
+                self._bus.dbus.ReleaseName(names.BUS_NAME)
+            except GLib.Error as exc:
+                log.warning("D-Bus: releasing %s failed: %s", names.BUS_NAME, exc.message)
+
+    def _teardown(self) -> None:
+        for req in list(self.requests.values()):
+            req.cancel()
+        if self.connected:
+            con = self._bus.con
+            for reg in self._registrations:
+                con.unregister_object(reg)
+            con.flush_sync(None)
+            con.close_sync(None)
+        self.connected = False
+
+    def _on_closed(self, con: Gio.DBusConnection, vanished: bool, error: GLib.Error | None) -> None:
+        if self._stopping or self._bus is None or con is not self._bus.con:
+            return
+        self.connected = False
+        self._registrations = []
+        self._callers.clear()
+        # Every client was on that bus: nobody is left to receive their requests' signals.
+        for req in list(self.requests.values()):
+            req.cancel()
+        for futures in self._inflight.values():
+            for fut in futures:
+                fut.cancel()
+        log.warning(
+            "D-Bus: lost the connection to %s (%s); reconnecting",
+            self.address,
+            error.message if error else "closed",
+        )
+        GLib.timeout_add(int(RECONNECT_FIRST * 1000), self._reconnect, RECONNECT_FIRST)
+
+    def _reconnect(self, delay: float) -> bool:
+        if self._stopping:
+            return False
+        try:
+            self._connect()
+        except Exception as exc:
+            nxt = min(delay * 2, RECONNECT_MAX)
+            log.debug("D-Bus: reconnect failed (%s); next try in %.1fs", exc, nxt)
+            GLib.timeout_add(int(nxt * 1000), self._reconnect, nxt)
+            return False
+        log.info("D-Bus: reconnected to %s; %s is ours again", self.address, names.BUS_NAME)
+        return False
+
+    def _on_name_owner(
+        self,
+        con: Any,
+        sender: str,
+        path: str,
+        iface: str,
+        signal: str,
+        params: GLib.Variant,
+        _data: Any,
+    ) -> None:
+        name, _old, new = params.unpack()
+        if new or not name.startswith(":"):
+            return
+        # A client left the bus: forget it and cancel its work, as the socket does at EOF.
+        self._callers.pop(name, None)
+        for fut in self._inflight.pop(name, set()):
+            fut.cancel()
+        for req in list(self.requests.values()):
+            if req.owner == name:
+                req.cancel()
+
+    # --- calls (GLib thread) --------------------------------------------------------------
+
+    def _on_call(
+        self,
+        con: Gio.DBusConnection,
+        sender: str,
+        path: str,
+        iface: str,
+        method: str,
+        params: GLib.Variant,
+        invocation: Gio.DBusMethodInvocation,
+    ) -> None:
+        try:
+            if iface == names.DBUS_PROPERTIES:
+                self._properties_call(method, params, invocation)
+            elif iface == names.OBJECT_MANAGER:
+                self._managed_objects(sender, invocation)
+            elif (iface, method) in self._methods:
+                self._syscall(sender, self._methods[(iface, method)], params, invocation)
+            else:
+                invocation.return_dbus_error(
+                    names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{method}"
+                )
+        except AiosError as exc:
+            invocation.return_dbus_error(exc.dbus_name, exc.message)
+        except Exception:
+            log.exception("D-Bus call %s.%s failed", iface, method)
+            invocation.return_dbus_error(InternalError.dbus_name, "internal error")
+
+    def _syscall(
+        self, sender: str, bm: BusMethod, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
+    ) -> None:
+        if not self._accepting:
+            raise ShuttingDown("the daemon is stopping and takes no new requests")
+        values = params.unpack()
+        call: dict[str, Any] = {name: v for (name, _), v in zip(bm.args, values, strict=False)}
+        if bm.has_options:
+            options = values[len(bm.args)]
+            for key in options:
+                if key in TRANSPORT_FIELDS or key in call:
+                    raise InvalidParams(
+                        f"invalid params: options.{key}: not an option on D-Bus"
+                        + (f"; call Start{bm.name} to stream" if key == "stream" else ""),
+                        data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
+                    )
+            call.update(options)
+        if bm.syscall.streams:
+            call["stream"] = bm.starts_request
+
+        def dispatch(caller: Caller) -> None:
+            if bm.starts_request:
+                self._start_request(sender, bm, call, caller, invocation)
+            else:
+                fut = self._submit(sender, self.kernel.dispatch(bm.syscall.name, call, caller))
+                fut.add_done_callback(lambda f: _reply(invocation, f))
+
+        self._with_caller(sender, invocation, dispatch)
+
+    def _submit(self, sender: str, coro: Any) -> concurrent.futures.Future[Any]:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        bucket = self._inflight.setdefault(sender, set())
+        bucket.add(fut)
+        fut.add_done_callback(bucket.discard)
+        return fut
+
+    def _start_request(
+        self,
+        sender: str,
+        bm: BusMethod,
+        call: dict[str, Any],
+        caller: Caller,
+        invocation: Gio.DBusMethodInvocation,
+    ) -> None:
+        con = self._bus.con
+        path = f"{names.REQUEST_PATH_PREFIX}/{next(self._ids)}"
+        req = RequestObject(self, con, path, sender, bm.syscall.name)
+        self.requests[path] = req
+        invocation.return_value(GLib.Variant("(o)", (path,)))
+        req.announce()
+        req.future = self._submit(
+            sender, req.run(self.kernel.dispatch(bm.syscall.name, call, caller, req.emit_token))
+        )
+
+    def forget(self, req: RequestObject) -> None:
+        """A request object is gone (called from the GLib thread)."""
+        self.requests.pop(req.path, None)
+
+    def _with_caller(
+        self, sender: str, invocation: Gio.DBusMethodInvocation, then: Callable[[Caller], None]
+    ) -> None:
+        cached = self._callers.get(sender)
+        if cached is not None:
+            self._callers.move_to_end(sender)
+            then(cached)
+            return
+
+        def done(con: Gio.DBusConnection, result: Gio.AsyncResult, _data: Any = None) -> None:
+            try:
+                creds = con.call_finish(result).unpack()[0]
+                caller = _caller_from(creds)
+            except Exception as exc:
+                log.warning("D-Bus: cannot get the credentials of %s: %s", sender, exc)
+                invocation.return_dbus_error(
+                    names.DBUS_ACCESS_DENIED, "cannot establish the caller's identity"
+                )
+                return
+            self._callers[sender] = caller
+            if len(self._callers) > CREDENTIALS_CACHE:
+                self._callers.popitem(last=False)
+            try:
+                then(caller)
+            except AiosError as exc:
+                invocation.return_dbus_error(exc.dbus_name, exc.message)
+
+        self._bus.con.call(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetConnectionCredentials",
+            GLib.Variant("(s)", (sender,)),
+            GLib.VariantType.new("(a{sv})"),
+            Gio.DBusCallFlags.NONE,
+            -1,
+            None,
+            done,
+            None,
+        )
+
+    def _properties_call(
+        self, method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
+    ) -> None:
+        args = params.unpack()
+        iface = args[0]
+        with self._props_lock:
+            props = dict(self._props)
+        if iface != names.PROPERTIES_INTERFACE:
+            props = {}
+        if method == "GetAll":
+            invocation.return_value(GLib.Variant("(a{sv})", (_typed(props),)))
+        elif method == "Get":
+            if args[1] not in props:
+                invocation.return_dbus_error(
+                    names.DBUS_INVALID_ARGS, f"no property {args[1]!r} on {iface}"
+                )
+                return
+            value = GLib.Variant(PROPERTIES[args[1]], props[args[1]])
+            invocation.return_value(GLib.Variant("(v)", (value,)))
+        else:
+            invocation.return_dbus_error(names.DBUS_ACCESS_DENIED, "the properties are read-only")
+
+    def _managed_objects(self, sender: str, invocation: Gio.DBusMethodInvocation) -> None:
+        # Only the caller's own requests: other users' work is not theirs to see.
+        objects = {
+            path: {names.REQUEST_INTERFACE: req.properties()}
+            for path, req in list(self.requests.items())
+            if req.owner == sender
+        }
+        invocation.return_value(GLib.Variant("(a{oa{sa{sv}}})", (objects,)))
+
+    # --- properties (asyncio side) --------------------------------------------------------
+
+    def _kernel_changed(self) -> None:
+        if not self._props_pending:
+            self._props_pending = True
+            self.loop.call_soon(self._refresh_properties)
+
+    def _refresh_properties(self, emit: bool = True) -> None:
+        self._props_pending = False
+        running, waiting = self.kernel.scheduler.totals()
+        new = {
+            "Version": __version__,
+            "State": self.kernel.state,
+            "Models": list(self.kernel.backends),
+            "DefaultModel": self.kernel.config.llm.default_model,
+            "Running": running,
+            "QueueLength": waiting,
+        }
+        with self._props_lock:
+            changed = {k: v for k, v in new.items() if self._props.get(k) != v}
+            self._props = new
+        if emit and changed and self.connected:
+            self._bus.con.emit_signal(
+                None,
+                names.OBJECT_PATH,
+                names.DBUS_PROPERTIES,
+                "PropertiesChanged",
+                GLib.Variant("(sa{sv}as)", (names.PROPERTIES_INTERFACE, _typed(changed), [])),
+            )
+
+
+def _typed(props: dict[str, Any]) -> dict[str, GLib.Variant]:
+    return {k: GLib.Variant(PROPERTIES[k], v) for k, v in props.items()}
+
+
+def _caller_from(creds: dict[str, Any]) -> Caller:
+    uid = int(creds["UnixUserID"])
+    groups = frozenset(int(g) for g in creds.get("UnixGroupIDs", []))
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        gid = min(groups) if groups else uid
+    return Caller(uid=uid, gid=gid, pid=int(creds.get("ProcessID", 0)), groups=groups)
+
+
+def _reply(invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any]) -> None:
+    try:
+        result = fut.result()
+        invocation.return_value(GLib.Variant("(a{sv})", (to_vardict(result),)))
+    except concurrent.futures.CancelledError:
+        err = ShuttingDown("the request was cancelled before it finished")
+        invocation.return_dbus_error(err.dbus_name, err.message)
+    except AiosError as exc:
+        invocation.return_dbus_error(exc.dbus_name, exc.message)
+    except Exception:
+        log.exception("D-Bus reply failed")
+        invocation.return_dbus_error(InternalError.dbus_name, "internal error")

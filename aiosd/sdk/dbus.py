@@ -1,0 +1,191 @@
+"""A blocking D-Bus client for aiosd (pydbus), with the same surface as :class:`aiosd.sdk.Client`.
+
+``call`` and ``stream`` take a syscall name and JSON-like params, exactly as on the socket;
+the mapping to bus methods comes from the same syscall table the daemon uses.  Streams run
+the GLib main loop of the calling thread until the request object reports how it ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pydbus
+from gi.repository import Gio, GLib
+
+from aiosd.api.dbus import names
+from aiosd.api.dbus.introspection import BusMethod, bus_methods
+from aiosd.api.dbus.variants import to_vardict, to_variant
+from aiosd.errors import AiosError, error_for_dbus_name
+from aiosd.sdk.client import DaemonUnreachable
+
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+_HINT = "set DBUS_SYSTEM_BUS_ADDRESS to the bus it uses"
+_UNREACHABLE = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+}
+
+
+def system_bus_address() -> str:
+    """$DBUS_SYSTEM_BUS_ADDRESS, else the standard system bus socket."""
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+
+
+def _error(exc: GLib.Error) -> Exception:
+    name = Gio.DBusError.get_remote_error(exc) or ""
+    Gio.DBusError.strip_remote_error(exc)
+    if name in _UNREACHABLE:
+        return _Unreachable(exc.message)
+    if name.startswith(names.INTERFACE_PREFIX + "Error."):
+        return error_for_dbus_name(name, exc.message)
+    return AiosError(f"{name or 'D-Bus error'}: {exc.message}")
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class BusClient:
+    """aiosd over D-Bus, one call at a time."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address or system_bus_address()
+        self._bus: Any = None
+        self._methods: dict[str, dict[bool, BusMethod]] = {}
+        for bm in bus_methods().values():
+            self._methods.setdefault(bm.syscall.name, {})[bm.starts_request] = bm
+        self.last_result: Any = None
+
+    def connect(self) -> BusClient:
+        """Open the connection to the bus."""
+        try:
+            self._bus = pydbus.connect(self.address)
+        except GLib.Error as exc:
+            raise DaemonUnreachable(self._where(), exc.message, _HINT) from None
+        return self
+
+    def __enter__(self) -> BusClient:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._bus is not None:
+            self._bus.con.close_sync(None)
+            self._bus = None
+
+    def _args(self, bm: BusMethod, params: dict[str, Any]) -> GLib.Variant:
+        params = {k: v for k, v in params.items() if k != "stream"}
+        values: list[Any] = []
+        for name, sig in bm.args:
+            value = params.pop(name, None)
+            values.append(_pack(sig, value))
+        if bm.has_options:
+            values.append(to_vardict(params))
+        return GLib.Variant(f"({bm.in_signature})", tuple(values))
+
+    def _invoke(self, bm: BusMethod, params: dict[str, Any]) -> Any:
+        if self._bus is None:
+            self.connect()
+        try:
+            reply = self._bus.con.call_sync(
+                names.BUS_NAME,
+                names.OBJECT_PATH,
+                bm.interface,
+                bm.name,
+                self._args(bm, params),
+                GLib.VariantType.new(f"({bm.out_signature})"),
+                Gio.DBusCallFlags.NONE,
+                -1,
+                None,
+            )
+        except GLib.Error as exc:
+            err = _error(exc)
+            if isinstance(err, _Unreachable):
+                raise DaemonUnreachable(self._where(), str(err), _HINT) from None
+            raise err from None
+        return reply.unpack()[0]
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Make one syscall and return its result."""
+        self.last_result = self._invoke(self._method(method, False), dict(params or {}))
+        return self.last_result
+
+    def stream(self, method: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Start a streaming syscall; yield ``{"seq", "content"}`` per Token signal.
+
+        The result is left in ``last_result``; a Failed signal raises its AiosError.
+        """
+        if self._bus is None:
+            self.connect()
+        events: collections.deque[tuple[str, str, Any]] = collections.deque()
+
+        def on_signal(
+            con: Any,
+            sender: str,
+            path: str,
+            iface: str,
+            signal: str,
+            args: GLib.Variant,
+            _data: Any,
+        ) -> None:
+            events.append((path, signal, args.unpack()))
+
+        con = self._bus.con
+        # Subscribed before the request exists, so not even its first token can be missed.
+        sub = con.signal_subscribe(
+            names.BUS_NAME,
+            names.REQUEST_INTERFACE,
+            None,
+            None,
+            None,
+            Gio.DBusSignalFlags.NONE,
+            on_signal,
+            None,
+        )
+        try:
+            path = self._invoke(self._method(method, True), dict(params or {}))
+            ctx = GLib.MainContext.default()
+            while True:
+                while events:
+                    where, signal, args = events.popleft()
+                    if where != path:
+                        continue
+                    if signal == "Token":
+                        yield {"seq": args[0], "content": args[1]}
+                    elif signal == "Finished":
+                        self.last_result = args[0]
+                        return
+                    elif signal == "Failed":
+                        raise error_for_dbus_name(args[0], args[1])
+                ctx.iteration(True)
+        finally:
+            con.signal_unsubscribe(sub)
+
+    def _where(self) -> str:
+        return f"{names.BUS_NAME} on the bus {self.address}"
+
+    def _method(self, syscall: str, start: bool) -> BusMethod:
+        try:
+            return self._methods[syscall][start]
+        except KeyError:
+            raise AiosError(
+                f"{syscall} has no {'streaming ' if start else ''}D-Bus method"
+            ) from None
+
+
+def _pack(sig: str, value: Any) -> Any:
+    if sig == "aa{sv}":
+        return [to_vardict(v) for v in value or []]
+    if sig == "a{sv}":
+        return to_vardict(value or {})
+    if sig == "v":
+        return to_variant(value)
+    return value
