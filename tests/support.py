@@ -119,6 +119,7 @@ class Daemon:
         config: Path,
         argv_prefix: list[str] | None = None,
         env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
@@ -130,6 +131,7 @@ class Daemon:
         full_env.pop("LISTEN_FDS", None)
         full_env.pop("LISTEN_PID", None)
         cmd = (argv_prefix or []) + [sys.executable, "-m", "aiosd", "--config", str(config)]
+        cmd += extra_args or []
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO
         )
@@ -228,8 +230,13 @@ class PrivateBus:
     def start(self) -> None:
         """Start the bus and wait until it accepts connections."""
         self.proc = subprocess.Popen(
-            ["dbus-daemon", "--nofork", "--nopidfile", f"--config-file={self.config}",
-             "--print-address"],
+            [
+                "dbus-daemon",
+                "--nofork",
+                "--nopidfile",
+                f"--config-file={self.config}",
+                "--print-address",
+            ],
             stdout=subprocess.PIPE,
         )
         assert self.proc.stdout is not None

@@ -174,9 +174,19 @@ def test_half_closed_client_still_gets_its_answers(daemon: Daemon) -> None:
     s.settimeout(60)
     s.connect(str(daemon.socket_path))
     s.sendall(
-        json.dumps({"jsonrpc": "2.0", "id": 1, "method": "llm.chat", "params": {
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
-        }}).encode() + b"\n"
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "llm.chat",
+                "params": {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 6,
+                    "stream": True,
+                },
+            }
+        ).encode()
+        + b"\n"
     )
     s.shutdown(socket.SHUT_WR)  # like `socat` at the end of its input
     lines = s.makefile("rb").read().splitlines()  # until the daemon closes

@@ -1,0 +1,433 @@
+"""The D-Bus front-end against a real dbus-daemon, with independent clients (busctl, gdbus)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiosd.api.dbus import names
+from aiosd.kernel.syscalls import SYSCALLS
+from aiosd.sdk import Client
+from aiosd.sdk.dbus import BusClient
+from tests.conftest import UnixUser
+from tests.support import REPO, Daemon, PrivateBus, write_config
+
+pytestmark = pytest.mark.e2e
+
+DEST = ["org.aiosd.Daemon1", "/org/aiosd/Daemon1"]
+
+
+@pytest.fixture(scope="module")
+def bus_daemon(private_bus: PrivateBus) -> Iterator[Daemon]:
+    """A daemon on the private bus (2 slots), its socket reachable by the test users."""
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-dbus-"))
+    directory.chmod(0o755)
+    d = Daemon(directory, write_config(directory, dbus_address=private_bus.address))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def busctl(bus: PrivateBus, *args: str, user: UnixUser | None = None) -> Any:
+    """Run busctl on the private bus; return its JSON output."""
+    cmd = ["busctl", f"--address={bus.address}", *args, "--json=short"]
+    if user is not None:
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            user=user.uid,
+            group=user.gid,
+            extra_groups=user.groups,
+            cwd="/",
+        )
+    else:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def plain(value: Any) -> Any:
+    """busctl's typed JSON ({"type", "data"}) to plain values."""
+    if isinstance(value, dict) and set(value) == {"type", "data"}:
+        return plain(value["data"])
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def gdbus(
+    bus: PrivateBus, *args: str, user: UnixUser | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a gdbus command on the private bus (as ``user`` if given)."""
+    cmd = ["gdbus", args[0], "--address", bus.address, *args[1:]]
+    kw: dict[str, Any] = {}
+    if user is not None:
+        kw = {"user": user.uid, "group": user.gid, "extra_groups": user.groups, "cwd": "/"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+# --- 1. introspection -------------------------------------------------------------------------
+
+
+def _interfaces(xml: str) -> dict[str, Any]:
+    """Interfaces of an introspection document, normalized for comparison."""
+    out: dict[str, Any] = {}
+    for iface in ET.fromstring(xml).findall("interface"):
+        name = iface.get("name", "")
+        if name.startswith("org.freedesktop.DBus.") and name != names.OBJECT_MANAGER:
+            continue  # Introspectable, Peer, Properties: GDBus's own
+        members = set()
+        for kind in ("method", "signal", "property"):
+            for m in iface.findall(kind):
+                args = tuple(
+                    (
+                        a.get("name"),
+                        a.get("type"),
+                        a.get("direction", "in" if kind == "method" else None),
+                    )
+                    for a in m.findall("arg")
+                )
+                members.add((kind, m.get("name"), args, m.get("type"), m.get("access")))
+        out[name] = members
+    return out
+
+
+def _doc_xml_blocks() -> list[str]:
+    text = (REPO / "docs" / "dbus.md").read_text()
+    return re.findall(r"```xml\n(.*?)```", text, re.S)
+
+
+def test_live_introspection_equals_the_documented_xml(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    manager_doc, request_doc = _doc_xml_blocks()
+    live = gdbus(private_bus, "introspect", "--dest", DEST[0], "--object-path", DEST[1], "--xml")
+    assert live.returncode == 0, live.stderr
+    assert _interfaces(live.stdout) == _interfaces(manager_doc)
+    assert set(_interfaces(manager_doc)) == {
+        "org.aiosd.Daemon1.LLM",
+        "org.aiosd.Daemon1.System",
+        names.OBJECT_MANAGER,
+    }
+    # A request object exists only while its syscall runs: start one and introspect it.
+    with BusClient(private_bus.address) as client:
+        stream = client.stream(
+            "llm.chat",
+            {"messages": [{"role": "user", "content": "Write a long story"}], "max_tokens": 64},
+        )
+        next(stream)
+        paths = re.findall(
+            r'<node name="(\d+)"/>',
+            gdbus(
+                private_bus,
+                "introspect",
+                "--dest",
+                DEST[0],
+                "--object-path",
+                names.REQUEST_PATH_PREFIX,
+                "--xml",
+            ).stdout,
+        )
+        assert paths
+        # Only the owner may look at it: introspect it through the owner's own connection.
+        xml = client._bus.con.call_sync(
+            names.BUS_NAME,
+            f"{names.REQUEST_PATH_PREFIX}/{paths[-1]}",
+            "org.freedesktop.DBus.Introspectable",
+            "Introspect",
+            None,
+            None,
+            0,
+            -1,
+            None,
+        ).unpack()[0]
+        for _ in stream:
+            pass
+    assert _interfaces(xml) == _interfaces(request_doc)
+
+
+# --- 2. independent clients agree with the socket ---------------------------------------------
+
+
+def test_busctl_status_and_properties_equal_the_socket(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    over_bus = plain(busctl(private_bus, "call", *DEST, "org.aiosd.Daemon1.System", "Status"))
+    status = over_bus[0]
+    with Client(bus_daemon.socket_path) as c:
+        sock = c.call("system.status")
+    for key in (
+        "version",
+        "pid",
+        "state",
+        "models",
+        "default_model",
+        "caller_uid",
+        "caller_role",
+        "running",
+        "waiting",
+    ):
+        assert status[key] == sock[key], key
+    props = {}
+    for prop in ("Version", "Models", "DefaultModel", "State", "QueueLength", "Running"):
+        props[prop] = plain(
+            busctl(private_bus, "get-property", *DEST, "org.aiosd.Daemon1.System", prop)
+        )
+    assert props["Version"] == sock["version"]
+    assert props["Models"] == sock["models"]
+    assert props["DefaultModel"] == sock["default_model"]
+    assert props["State"] == "running"
+    assert props["QueueLength"] == 0 and props["Running"] == 0
+
+
+def test_busctl_chat_equals_the_socket_chat(private_bus: PrivateBus, bus_daemon: Daemon) -> None:
+    prompt = "Name three Linux init systems"
+    over_bus = plain(
+        busctl(
+            private_bus,
+            "call",
+            *DEST,
+            "org.aiosd.Daemon1.LLM",
+            "Chat",
+            "aa{sv}a{sv}",
+            "1",
+            "2",
+            "role",
+            "s",
+            "user",
+            "content",
+            "s",
+            prompt,
+            "2",
+            "max_tokens",
+            "x",
+            "24",
+            "seed",
+            "x",
+            "7",
+        )
+    )[0]
+    with Client(bus_daemon.socket_path) as c:
+        sock = c.call(
+            "llm.chat",
+            {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "seed": 7},
+        )
+    assert len(sock["message"]["content"]) > 10
+    assert over_bus["message"]["content"] == sock["message"]["content"]
+    assert (
+        over_bus["usage"]
+        == sock["usage"]
+        == {"prompt_tokens": sock["usage"]["prompt_tokens"], "completion_tokens": 24}
+    )
+    assert over_bus["finish_reason"] == sock["finish_reason"]
+
+
+def test_aiosctl_bus_and_socket_agree(private_bus: PrivateBus, bus_daemon: Daemon) -> None:
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": private_bus.address}
+
+    def aiosctl(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "aiosd.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=REPO,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    ask = ["ask", "--max-tokens", "20", "--seed", "3", "Name three Linux init systems"]
+    assert aiosctl("--bus", *ask) == aiosctl("--socket", str(bus_daemon.socket_path), *ask)
+    by_bus = json.loads(aiosctl("--bus", "status", "--json"))
+    by_socket = json.loads(aiosctl("--socket", str(bus_daemon.socket_path), "status", "--json"))
+    for key in ("version", "pid", "models", "default_model", "caller_uid", "caller_role"):
+        assert by_bus[key] == by_socket[key]
+
+
+# --- 3. streaming: every token, in order, to its owner only -----------------------------------
+
+
+MONITOR = "gdbus monitor --address {address} --dest org.aiosd.Daemon1"
+
+
+def test_token_signals_arrive_in_order_and_only_to_their_owner(
+    private_bus: PrivateBus, bus_daemon: Daemon, unix_users: dict[str, UnixUser]
+) -> None:
+    other = unix_users["in"]
+    monitor = subprocess.Popen(
+        ["gdbus", "monitor", "--address", private_bus.address, "--dest", names.BUS_NAME],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        user=other.uid,
+        group=other.gid,
+        extra_groups=other.groups,
+        cwd="/",
+    )
+    try:
+        time.sleep(0.5)  # let the monitor subscribe
+        total = 0
+        with BusClient(private_bus.address) as client:
+            for i in range(5):
+                notes = list(
+                    client.stream(
+                        "llm.chat",
+                        {
+                            "messages": [
+                                {"role": "user", "content": f"Write a very long story, part {i}"}
+                            ],
+                            "max_tokens": 250,
+                        },
+                    )
+                )
+                result = client.last_result
+                assert [n["seq"] for n in notes] == list(range(len(notes)))
+                assert "".join(n["content"] for n in notes) == result["message"]["content"]
+                total += len(notes)
+        assert total >= 1000, f"only {total} Token signals"
+        time.sleep(0.5)
+    finally:
+        monitor.terminate()
+        seen, _ = monitor.communicate(timeout=10)
+    # The other user's connection saw the broadcast property changes, but nothing private.
+    assert "PropertiesChanged" in seen
+    assert "Token" not in seen and "Finished" not in seen and "InterfacesAdded" not in seen
+
+
+# --- 4. identity from the bus ------------------------------------------------------------------
+
+
+def test_other_users_are_refused_or_served_by_group(
+    private_bus: PrivateBus, bus_daemon: Daemon, unix_users: dict[str, UnixUser]
+) -> None:
+    call = [
+        "call",
+        "--dest",
+        DEST[0],
+        "--object-path",
+        DEST[1],
+        "--method",
+        "org.aiosd.Daemon1.System.Status",
+    ]
+    out = gdbus(private_bus, *call, user=unix_users["out"])
+    assert out.returncode != 0
+    assert "org.aiosd.Daemon1.Error.PermissionDenied" in out.stderr
+    assert f"uid {unix_users['out'].uid}" in out.stderr
+    assert "Traceback" not in out.stderr and ".py" not in out.stderr
+    served = gdbus(private_bus, *call, user=unix_users["in"])
+    assert served.returncode == 0, served.stderr
+    assert f"'caller_uid': <int64 {unix_users['in'].uid}>" in served.stdout
+    assert "'caller_role': <'user'>" in served.stdout
+
+
+# --- 5. bad arguments ----------------------------------------------------------------------------
+
+
+def test_bad_arguments_get_named_errors_and_the_daemon_keeps_serving(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    chat = [
+        "call",
+        "--dest",
+        DEST[0],
+        "--object-path",
+        DEST[1],
+        "--method",
+        "org.aiosd.Daemon1.LLM.Chat",
+    ]
+    # gdbus checks types itself, so send the wrong type with a raw call.
+    from gi.repository import Gio, GLib
+
+    con = Gio.DBusConnection.new_for_address_sync(
+        private_bus.address,
+        Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+        | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
+        None,
+        None,
+    )
+    with pytest.raises(GLib.Error) as wrong_type:
+        con.call_sync(
+            DEST[0],
+            DEST[1],
+            "org.aiosd.Daemon1.LLM",
+            "Chat",
+            GLib.Variant("(s)", ("not a list",)),
+            None,
+            0,
+            -1,
+            None,
+        )
+    assert (
+        Gio.DBusError.get_remote_error(wrong_type.value) == "org.freedesktop.DBus.Error.InvalidArgs"
+    )
+    con.close_sync(None)
+    unknown_key = gdbus(
+        private_bus, *chat, "[{'role': <'user'>, 'content': <'hi'>}]", "{'colour': <'red'>}"
+    )
+    assert "org.aiosd.Daemon1.Error.InvalidArgs" in unknown_key.stderr
+    assert "colour" in unknown_key.stderr
+    stream_key = gdbus(
+        private_bus, *chat, "[{'role': <'user'>, 'content': <'hi'>}]", "{'stream': <true>}"
+    )
+    assert "org.aiosd.Daemon1.Error.InvalidArgs" in stream_key.stderr
+    assert "StartChat" in stream_key.stderr
+    bad_role = gdbus(private_bus, *chat, "[{'role': <'robot'>, 'content': <'hi'>}]", "{}")
+    assert "org.aiosd.Daemon1.Error.InvalidArgs" in bad_role.stderr
+    assert "messages.0.role" in bad_role.stderr
+    with BusClient(private_bus.address) as client:
+        from aiosd.errors import InvalidParams
+
+        with pytest.raises(InvalidParams, match="messages.0.content"):
+            client.call(
+                "llm.chat", {"messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]}
+            )
+        for out in (unknown_key, stream_key, bad_role):
+            assert "Traceback" not in out.stderr and ".py" not in out.stderr
+        assert client.call("system.status")["state"] == "running"
+
+
+# --- every syscall is reachable over D-Bus -----------------------------------------------------
+
+
+def test_every_syscall_is_reachable_over_dbus(private_bus: PrivateBus, bus_daemon: Daemon) -> None:
+    minimal: dict[str, dict[str, Any]] = {
+        "llm.chat": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    }
+    with BusClient(private_bus.address) as client:
+        for name, spec in SYSCALLS.items():
+            result = client.call(name, minimal.get(name, {}))
+            assert isinstance(result, dict) and result, name
+            if spec.streams:
+                notes = list(client.stream(name, {**minimal[name], "max_tokens": 3}))
+                assert notes and client.last_result
+
+
+def test_documented_desktop_client_example_runs(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    text = (REPO / "docs" / "dbus.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[-1]
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": private_bus.address}
+    out = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "'completion_tokens'" in out.stdout and len(out.stdout) > 40

@@ -1,0 +1,131 @@
+"""The D-Bus front-end's lifecycle: READY after the name, the bus going away and coming back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from aiosd.sdk import Client
+from aiosd.sdk.dbus import BusClient
+from tests.support import REPO, Daemon, PrivateBus, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _name_owned(bus: PrivateBus) -> bool:
+    out = subprocess.run(
+        [
+            "gdbus",
+            "call",
+            "--address",
+            bus.address,
+            "--dest",
+            "org.freedesktop.DBus",
+            "--object-path",
+            "/org/freedesktop/DBus",
+            "--method",
+            "org.freedesktop.DBus.NameHasOwner",
+            "org.aiosd.Daemon1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout.strip() == "(true,)"
+
+
+def test_ready_only_after_the_name_is_owned_and_survives_the_bus_restarting() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-dbuslife-"))
+    bus = PrivateBus(directory / "bus")
+    bus.start()
+    owned_at_ready: list[bool] = []
+    d = Daemon(directory, write_config(directory, dbus_address=bus.address, slots=1))
+    d.notify.on_message = lambda f: (
+        owned_at_ready.append(_name_owned(bus)) if f == "READY=1" else None
+    )
+    try:
+        d.wait_ready()
+        deadline = time.monotonic() + 10
+        while not owned_at_ready:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert owned_at_ready == [True]
+        with BusClient(bus.address) as c:
+            assert c.call("system.status")["state"] == "running"
+
+        bus.stop()  # the bus crashes
+        deadline = time.monotonic() + 10
+        while "lost the connection" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        with Client(d.socket_path) as c:  # the socket goes on serving meanwhile
+            assert c.chat("hi", max_tokens=2)["usage"]["completion_tokens"] == 2
+        assert d.proc.poll() is None
+
+        bus.start()  # and comes back at the same address
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with BusClient(bus.address) as c:
+                    assert c.call("system.status")["state"] == "running"
+                break
+            except Exception:
+                assert time.monotonic() < deadline, d.log()
+                time.sleep(0.2)
+        assert "reconnected" in d.log()
+        with BusClient(bus.address) as c:
+            notes = list(
+                c.stream(
+                    "llm.chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+                )
+            )
+            assert len(notes) >= 1 and c.last_result["usage"]["completion_tokens"] == 3
+    finally:
+        assert d.stop() == 0, d.log()
+        bus.stop()
+
+
+def test_start_without_the_bus_fails_clearly(tmp_path: Path) -> None:
+    address = f"unix:path={tmp_path}/no-bus.sock"
+    config = write_config(tmp_path, dbus_address=address)
+    out = subprocess.run(
+        [sys.executable, "-m", "aiosd", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 1
+    assert address in out.stderr and "--no-dbus" in out.stderr
+    assert "Traceback" not in out.stderr
+    # and --no-dbus starts it anyway
+    d = Daemon(tmp_path, config, extra_args=["--no-dbus"])
+    try:
+        d.wait_ready()
+        assert "D-Bus front-end disabled" in d.log()
+    finally:
+        assert d.stop() == 0
+
+
+def test_second_daemon_cannot_take_the_name(tmp_path: Path, private_bus: PrivateBus) -> None:
+    first_dir = Path(tempfile.mkdtemp(prefix="aiosd-first-"))
+    first = Daemon(first_dir, write_config(first_dir, dbus_address=private_bus.address, slots=1))
+    try:
+        first.wait_ready()
+        config = write_config(tmp_path, dbus_address=private_bus.address, slots=1)
+        out = subprocess.run(
+            [sys.executable, "-m", "aiosd", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert out.returncode == 1
+        assert "org.aiosd.Daemon1 is already owned" in out.stderr
+    finally:
+        assert first.stop() == 0
