@@ -81,6 +81,26 @@ class SchedulerConfig(_Section):
     queue_size: Annotated[int, Field(ge=1, le=100000)] = 64
 
 
+class StorageConfig(_Section):
+    """[storage]: long-term per-user storage."""
+
+    durability: Literal["normal", "full"] = "normal"
+    quota_bytes: Annotated[int, Field(ge=0, le=1 << 50)] = 256 * 1024 * 1024
+    quota_entries: Annotated[int, Field(ge=0, le=1 << 40)] = 100_000
+    retention: Annotated[int, Field(ge=1, le=10_000)] = 20
+    max_value_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class MemoryConfig(_Section):
+    """[memory]: short-term memory of agents and client sessions."""
+
+    lru_k: Annotated[int, Field(ge=1, le=16)] = 2
+    budget_bytes: Annotated[int, Field(ge=1024, le=1 << 40)] = 64 * 1024 * 1024
+    max_entries_per_space: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    max_bytes_per_space: Annotated[int, Field(ge=1024, le=1 << 40)] = 8 * 1024 * 1024
+    max_entry_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 256 * 1024
+
+
 class ShutdownConfig(_Section):
     """[shutdown]: seconds allowed for each stop stage."""
 
@@ -151,6 +171,8 @@ class Config(_Section):
     dbus: DBusConfig = DBusConfig()
     access: AccessConfig = AccessConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    storage: StorageConfig = StorageConfig()
+    memory: MemoryConfig = MemoryConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     llm: LlmConfig = LlmConfig()
 

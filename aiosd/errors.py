@@ -143,6 +143,20 @@ class NotSupported(AiosError):
     dbus_name = DBUS_ERROR_PREFIX + "NotSupported"
 
 
+class NotFound(AiosError):
+    """No such entry — or one the caller may not see: the two are never told apart."""
+
+    rpc_code = -32012
+    dbus_name = DBUS_ERROR_PREFIX + "NotFound"
+
+
+class QuotaExceeded(AiosError):
+    """A write would exceed the caller's quota; ``data`` has the quota and current use."""
+
+    rpc_code = -32013
+    dbus_name = DBUS_ERROR_PREFIX + "QuotaExceeded"
+
+
 def _all_subclasses(cls: type[AiosError]) -> list[type[AiosError]]:
     out: list[type[AiosError]] = []
     for sub in cls.__subclasses__():

@@ -16,7 +16,9 @@ from tests.support import Daemon, PrivateBus, write_config
 
 USER_GROUP = "aios"
 USER_IN = "aiosd-test-in"
+USER_IN2 = "aiosd-test-in2"
 USER_OUT = "aiosd-test-out"
+SHARE_GROUP = "aiosd-test-share"
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +67,30 @@ def _ensure_user(name: str, groups: list[str]) -> UnixUser:
 
 @pytest.fixture(scope="session")
 def unix_users() -> dict[str, UnixUser]:
-    """``in``: a member of the ``aios`` group; ``out``: a user in no aiosd group."""
+    """``in``, ``in2``: members of ``aios`` and of a sharing group; ``out``: in neither."""
     if os.geteuid() != 0:
         pytest.fail("the test suite runs as root: it creates real users and groups")
     try:
         grp.getgrnam(USER_GROUP)
     except KeyError:
         subprocess.run(["groupadd", "--system", USER_GROUP], check=True)
-    users = {"in": _ensure_user(USER_IN, [USER_GROUP]), "out": _ensure_user(USER_OUT, [])}
+    try:
+        grp.getgrnam(SHARE_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", SHARE_GROUP], check=True)
+    users = {
+        "in": _ensure_user(USER_IN, [USER_GROUP, SHARE_GROUP]),
+        "in2": _ensure_user(USER_IN2, [USER_GROUP, SHARE_GROUP]),
+        "out": _ensure_user(USER_OUT, []),
+    }
     assert grp.getgrnam(USER_GROUP).gr_gid in users["in"].groups
     assert grp.getgrnam(USER_GROUP).gr_gid not in users["out"].groups
     return users
 
 
-def run_as(user: UnixUser, script: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_as(
+    user: UnixUser, script: str, timeout: float = 60.0, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a Python script as ``user`` with an isolated interpreter (no access to the repo)."""
     return subprocess.run(
         ["/usr/bin/python3", "-I", "-S", "-c", script],
@@ -89,6 +101,7 @@ def run_as(user: UnixUser, script: str, timeout: float = 60.0) -> subprocess.Com
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
 
 

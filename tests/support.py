@@ -24,6 +24,7 @@ class NotifySocket:
         self.messages: list[tuple[float, str]] = []
         self.on_message = on_message
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path.unlink(missing_ok=True)  # left by an earlier daemon in the same directory
         self._sock.bind(str(path))
         self._sock.settimeout(0.2)
         self._cond = threading.Condition()

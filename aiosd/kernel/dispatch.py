@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from aiosd.errors import AiosError, InternalError, InvalidParams, MethodNotFound
-from aiosd.kernel.syscalls import SYSCALLS, Emit
+from aiosd.kernel.syscall_base import Emit
+from aiosd.kernel.syscalls import SYSCALLS
 from aiosd.managers.access import Caller, Role
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiosd import __version__
 from aiosd.config import Config, LlamaCppModelConfig, OllamaModelConfig
@@ -16,10 +16,10 @@ from aiosd.errors import AiosError, Cancelled, ModelNotFound, ShuttingDown
 from aiosd.kernel import dispatch as _dispatch
 from aiosd.kernel.llm.base import Backend, ChatRequest
 from aiosd.kernel.scheduler import Scheduler
+from aiosd.kernel.syscall_base import Emit
 from aiosd.kernel.syscalls import (
     ChatParams,
     ChatResult,
-    Emit,
     Message,
     ModelEntry,
     ModelsResult,
@@ -31,6 +31,10 @@ from aiosd.kernel.syscalls import (
     Usage,
 )
 from aiosd.managers.access import AccessManager, Caller
+from aiosd.managers.storage import Limits, StorageManager
+
+if TYPE_CHECKING:
+    from aiosd.managers.memory import MemoryManager
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,13 @@ class Kernel:
             if backends is not None
             else {name: build_backend(name, m) for name, m in config.llm.models.items()}
         )
+        st = config.storage
+        self.storage = StorageManager(
+            config.state_dir() / "storage",
+            st.durability,
+            Limits(st.quota_bytes, st.quota_entries, st.retention),
+        )
+        self.memory: MemoryManager | None = None
         self.state: State = "starting"
         self.started_at = time.monotonic()
         self.connections = 0
@@ -121,6 +132,10 @@ class Kernel:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=close_timeout)
+        try:
+            await asyncio.wait_for(self.storage.close(), timeout=close_timeout)
+        except (TimeoutError, Exception):
+            log.exception("closing storage failed")
         for backend in self.backends.values():
             try:
                 await asyncio.wait_for(backend.close(), timeout=close_timeout)
@@ -145,6 +160,11 @@ class Kernel:
                 self._inflight.discard(task)
 
     # --- syscall implementations (routed here by the table) ----------------------------------
+
+    async def session_closed(self, caller: Caller) -> None:
+        """A client session ended: its short-term memory goes (pinned entries stay)."""
+        if caller.session is not None and self.memory is not None:
+            await self.memory.drop_session(caller.uid, caller.session)
 
     def backend(self, model: str | None) -> Backend:
         """The backend of a configured model (None: the default model)."""

@@ -6,33 +6,24 @@ declares a syscall.  Handlers are thin: they route to the scheduler or to a mana
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aiosd.kernel.families import storage as _storage
 from aiosd.kernel.scheduler import Priority
+from aiosd.kernel.syscall_base import (
+    MAX_TEXT,
+    Emit,
+    Name,
+    Params,
+    Result,
+    Syscall,
+)
 from aiosd.managers.access import Caller, Permission
 
 if TYPE_CHECKING:
     from aiosd.kernel.kernel import Kernel
-
-MAX_TEXT = 4 * 1024 * 1024
-Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
-
-
-class Params(BaseModel):
-    """Base of every parameter model: unknown fields are errors, not ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Result(BaseModel):
-    """Base of every result model."""
-
-    model_config = ConfigDict(extra="forbid")
-
 
 # --- llm -------------------------------------------------------------------------------------
 
@@ -171,22 +162,6 @@ class StatusResult(Result):
 
 # --- the table -------------------------------------------------------------------------------
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[["Kernel", Any, Caller, "Emit | None"], Awaitable[Result]]
-
-
-@dataclass(frozen=True)
-class Syscall:
-    """One syscall's declaration."""
-
-    name: str
-    params: type[Params]
-    result: type[Result]
-    permission: Permission | None
-    handler: Handler
-    summary: str
-    streams: bool = False
-
 
 async def _llm_chat(k: Kernel, p: ChatParams, c: Caller, emit: Emit | None) -> Result:
     return await k.llm_chat(p, c, emit if p.stream else None)
@@ -240,5 +215,6 @@ SYSCALLS: dict[str, Syscall] = {
             _system_queue,
             "Running and waiting LLM requests per model, in queue order.",
         ),
+        *_storage.SYSCALLS,
     )
 }

@@ -43,6 +43,9 @@ class Caller:
     pid: int
     groups: frozenset[int] = field(default_factory=frozenset)
     aid: str | None = None
+    #: The client session (one socket connection, one bus connection): the default scope of
+    #: short-term memory.  Set by the transport, never by the payload.
+    session: str | None = None
 
     def in_group(self, gid: int | None) -> bool:
         """Whether the caller's primary or supplementary groups include ``gid``."""

@@ -19,7 +19,8 @@ from xml.sax.saxutils import quoteattr
 from pydantic import BaseModel
 
 from aiosd.api.dbus import names
-from aiosd.kernel.syscalls import SYSCALLS, Syscall
+from aiosd.kernel.syscall_base import Syscall
+from aiosd.kernel.syscalls import SYSCALLS
 
 #: Parameters the transport itself provides (not arguments on the bus).
 TRANSPORT_FIELDS = {"stream"}

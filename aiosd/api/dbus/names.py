@@ -11,6 +11,8 @@ INTERFACE_PREFIX = "org.aiosd.Daemon1."
 FAMILY_INTERFACES = {
     "llm": INTERFACE_PREFIX + "LLM",
     "system": INTERFACE_PREFIX + "System",
+    "storage": INTERFACE_PREFIX + "Storage",
+    "memory": INTERFACE_PREFIX + "Memory",
 }
 #: The interface of request objects (long operations such as a streaming chat).
 REQUEST_INTERFACE = INTERFACE_PREFIX + "Request"

@@ -241,7 +241,9 @@ class DBusFrontend:
         if new or not name.startswith(":"):
             return
         # A client left the bus: forget it and cancel its work, as the socket does at EOF.
-        self._callers.pop(name, None)
+        caller = self._callers.pop(name, None)
+        if caller is not None:
+            asyncio.run_coroutine_threadsafe(self.kernel.session_closed(caller), self.loop)
         for fut in self._inflight.pop(name, set()):
             fut.cancel()
         for req in list(self.requests.values()):
@@ -347,7 +349,7 @@ class DBusFrontend:
         def done(con: Gio.DBusConnection, result: Gio.AsyncResult, _data: Any = None) -> None:
             try:
                 creds = con.call_finish(result).unpack()[0]
-                caller = _caller_from(creds)
+                caller = _caller_from(creds, sender)
             except Exception as exc:
                 log.warning("D-Bus: cannot get the credentials of %s: %s", sender, exc)
                 invocation.return_dbus_error(
@@ -442,14 +444,20 @@ def _typed(props: dict[str, Any]) -> dict[str, GLib.Variant]:
     return {k: GLib.Variant(PROPERTIES[k], v) for k, v in props.items()}
 
 
-def _caller_from(creds: dict[str, Any]) -> Caller:
+def _caller_from(creds: dict[str, Any], sender: str) -> Caller:
     uid = int(creds["UnixUserID"])
     groups = frozenset(int(g) for g in creds.get("UnixGroupIDs", []))
     try:
         gid = pwd.getpwuid(uid).pw_gid
     except KeyError:
         gid = min(groups) if groups else uid
-    return Caller(uid=uid, gid=gid, pid=int(creds.get("ProcessID", 0)), groups=groups)
+    return Caller(
+        uid=uid,
+        gid=gid,
+        pid=int(creds.get("ProcessID", 0)),
+        groups=groups,
+        session=f"bus{sender.replace(':', '-')}",
+    )
 
 
 def _reply(invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -74,6 +75,7 @@ class SocketServer:
         self.activated = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        self._serial = 0
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on ``sock`` (from socket activation) or bind ``self.path``."""
@@ -158,7 +160,9 @@ class SocketServer:
             writer.close()
             return
         sock = writer.get_extra_info("socket")
-        conn = _Connection(self, reader, writer, peer_caller(sock))
+        self._serial += 1
+        caller = dataclasses.replace(peer_caller(sock), session=f"socket-{self._serial}")
+        conn = _Connection(self, reader, writer, caller)
         self._connections.add(conn)
         self.kernel.connections = len(self._connections)
         try:
@@ -166,6 +170,7 @@ class SocketServer:
         finally:
             self._connections.discard(conn)
             self.kernel.connections = len(self._connections)
+            await self.kernel.session_closed(caller)
 
 
 class _Connection:

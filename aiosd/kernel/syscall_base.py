@@ -1,0 +1,46 @@
+"""What every syscall declaration is made of (the table itself is in syscalls.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aiosd.managers.access import Caller, Permission
+
+if TYPE_CHECKING:
+    from aiosd.kernel.kernel import Kernel
+
+MAX_TEXT = 4 * 1024 * 1024
+Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
+
+
+class Params(BaseModel):
+    """Base of every parameter model: unknown fields are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Result(BaseModel):
+    """Base of every result model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[["Kernel", Any, Caller, "Emit | None"], Awaitable[Result]]
+
+
+@dataclass(frozen=True)
+class Syscall:
+    """One syscall's declaration."""
+
+    name: str
+    params: type[Params]
+    result: type[Result]
+    permission: Permission | None
+    handler: Handler
+    summary: str
+    streams: bool = False
