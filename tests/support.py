@@ -251,3 +251,41 @@ class PrivateBus:
             self.proc.kill()
             self.proc.wait()
         self.socket.unlink(missing_ok=True)
+
+
+def call_every_syscall(call: Any) -> set[str]:
+    """Make every syscall once with valid params through ``call(name, params) -> result``.
+
+    Returns the names called; tests compare them with the syscall table, so a new syscall
+    must be added here to keep them green.
+    """
+    done: set[str] = set()
+
+    def do(name: str, params: dict[str, Any]) -> Any:
+        result = call(name, params)
+        assert isinstance(result, dict), (name, result)
+        done.add(name)
+        return result
+
+    do("llm.chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    for name in ("llm.models", "system.status", "system.queue", "storage.usage"):
+        do(name, {})
+    entry = {"collection": "reach", "key": "k"}
+    do("storage.put", {**entry, "value": "reachable value"})
+    do("storage.get", entry)
+    do("storage.list", {"collection": "reach"})
+    do("storage.search", {"query": "reachable"})
+    do("storage.history", entry)
+    do("storage.rollback", {**entry, "version": 1})
+    do("storage.share", {"collection": "reach", "group": "root"})
+    do("storage.unshare", {"collection": "reach", "group": "root"})
+    do("storage.set_quota", {"user": 0, "quota_entries": 100000})
+    do("storage.delete", entry)
+    added = do("memory.add", {"content": "remember the reach test", "space": "reach"})
+    mem = {"id": added["id"], "space": "reach"}
+    do("memory.get", mem)
+    do("memory.search", {"query": "remember", "space": "reach"})
+    do("memory.update", {**mem, "pinned": True})
+    do("memory.delete", mem)
+    do("memory.clear", {"space": "reach"})
+    return done

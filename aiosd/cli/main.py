@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from aiosd import __version__
+from aiosd.cli import data
+from aiosd.cli.data import UsageError
 from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscalls import SYSCALLS
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     call = sub.add_parser("call", parents=[common], help="make any syscall with JSON params")
     call.add_argument("method", choices=list(SYSCALLS), metavar="SYSCALL")
     call.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
+    ask.add_argument("--session", help="keep the conversation under this name (memory)")
+    data.add_parsers(sub, common)
     return ap
 
 
@@ -108,10 +112,6 @@ def _load_json(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise UsageError(f"{what}: not valid JSON: {exc}") from None
-
-
-class UsageError(Exception):
-    """Bad command-line input found after parsing."""
 
 
 def _print_json(obj: Any) -> None:
@@ -179,7 +179,7 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": " ".join(args.prompt)})
     params: dict[str, Any] = {"messages": messages}
-    for key in ("model", "max_tokens", "temperature", "seed", "priority"):
+    for key in ("model", "max_tokens", "temperature", "seed", "priority", "session"):
         value = getattr(args, key)
         if value is not None:
             params[key] = value
@@ -191,6 +191,7 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
             _print_json(result)
         else:
             print(result["message"]["content"])
+        _notes(result)
         return EXIT_OK
     params["stream"] = True
     for note in client.stream("llm.chat", params):
@@ -198,9 +199,15 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     result = client.last_result
+    _notes(result)
     if result and result.get("finish_reason") == "length":
         print("aiosctl: (answer cut at --max-tokens or the model's limit)", file=sys.stderr)
     return EXIT_OK
+
+
+def _notes(result: Any) -> None:
+    for note in (result or {}).get("notes") or []:
+        print(f"aiosctl: {note}", file=sys.stderr)
 
 
 def cmd_call(client: SyscallClient, args: argparse.Namespace) -> int:
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_input(args)
         with _client(args, path) as client:
-            return COMMANDS[args.command](client, args)
+            command = getattr(args, "func", None) or COMMANDS[args.command]
+            return int(command(client, args))
     except UsageError as exc:
         print(f"aiosctl: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,11 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aiosd import __version__
 from aiosd.config import Config, LlamaCppModelConfig, OllamaModelConfig
-from aiosd.errors import AiosError, Cancelled, ModelNotFound, ShuttingDown
+from aiosd.errors import AiosError, Cancelled, ModelNotFound, NotSupported, ShuttingDown
 from aiosd.kernel import dispatch as _dispatch
 from aiosd.kernel.llm.base import Backend, ChatRequest
 from aiosd.kernel.scheduler import Scheduler
@@ -25,16 +25,16 @@ from aiosd.kernel.syscalls import (
     ModelsResult,
     QueueModel,
     QueueResult,
+    SessionInfo,
     StatusResult,
     Timings,
     ToolCall,
     Usage,
 )
 from aiosd.managers.access import AccessManager, Caller
+from aiosd.managers.context import ContextManager
+from aiosd.managers.memory import MemoryManager
 from aiosd.managers.storage import Limits, StorageManager
-
-if TYPE_CHECKING:
-    from aiosd.managers.memory import MemoryManager
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class Kernel:
             st.durability,
             Limits(st.quota_bytes, st.quota_entries, st.retention),
         )
-        self.memory: MemoryManager | None = None
+        self.memory: MemoryManager | None = MemoryManager(self.storage, config.memory)
+        self._context: ContextManager | None = None
         self.state: State = "starting"
         self.started_at = time.monotonic()
         self.connections = 0
@@ -113,6 +114,8 @@ class Kernel:
             ):
                 needs_restart.append("daemon")
             self.access.configure(config.access)
+            if self.memory is not None:
+                self.memory.configure(config.memory)
             self.scheduler.set_queue_size(config.scheduler.queue_size)
             self.config = config
             return needs_restart
@@ -161,6 +164,15 @@ class Kernel:
 
     # --- syscall implementations (routed here by the table) ----------------------------------
 
+    @property
+    def context(self) -> ContextManager:
+        """The context manager (chat sessions), built on the memory manager."""
+        if self.memory is None:
+            raise NotSupported("chat sessions need the memory manager")
+        if self._context is None:
+            self._context = ContextManager(self.memory)
+        return self._context
+
     async def session_closed(self, caller: Caller) -> None:
         """A client session ended: its short-term memory goes (pinned entries stay)."""
         if caller.session is not None and self.memory is not None:
@@ -181,15 +193,36 @@ class Kernel:
     async def llm_chat(self, p: ChatParams, caller: Caller, emit: Emit | None) -> ChatResult:
         """Queue a generation on the scheduler, run it on a slot, stream or collect it."""
         backend = self.backend(p.model)
-        request = ChatRequest(
-            messages=[m.model_dump(exclude_none=True) for m in p.messages],
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            seed=p.seed,
-            response_schema=p.response_schema,
-            tools=[t.model_dump() for t in p.tools] if p.tools else None,
-        )
-        prepared = await backend.prepare(request)
+        messages = [m.model_dump(exclude_none=True) for m in p.messages]
+
+        def request(msgs: list[dict[str, Any]], reserve: int = 0) -> ChatRequest:
+            return ChatRequest(
+                messages=msgs,
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                seed=p.seed,
+                response_schema=p.response_schema,
+                tools=[t.model_dump() for t in p.tools] if p.tools else None,
+                reserve=reserve,
+            )
+
+        session = None
+        notes: list[str] = []
+        if p.session is not None:
+            # Room for the answer: the requested length, at most a quarter of the context.
+            ctx = backend.info().context_length or 0
+            reserve = min(p.max_tokens or ctx, ctx // 4)
+            fitted = await self.context.fit(
+                caller.uid,
+                p.session,
+                messages,
+                lambda msgs: backend.prepare(request(msgs, reserve)),
+            )
+            prepared = fitted.prepared
+            notes = fitted.notes
+            session = SessionInfo(name=p.session, replayed=fitted.replayed, moved=fitted.moved)
+        else:
+            prepared = await backend.prepare(request(messages))
         t0 = time.monotonic()
         parts: list[str] = []
         tool_calls: list[dict[str, Any]] = []
@@ -216,6 +249,8 @@ class Kernel:
                         break
         if final is None:
             raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
+        if p.session is not None:
+            await self.context.record(caller.uid, p.session, messages, "".join(parts))
         end = time.monotonic()
         return ChatResult(
             request_id=ticket.id,
@@ -234,6 +269,8 @@ class Kernel:
                 first_token_ms=round((first_token - t0) * 1000, 2) if first_token else None,
                 total_ms=round((end - t0) * 1000, 2),
             ),
+            session=session,
+            notes=notes,
         )
 
     def llm_models(self) -> ModelsResult:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aiosd.kernel.families import memory as _memory
 from aiosd.kernel.families import storage as _storage
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscall_base import (
@@ -75,6 +76,18 @@ class ChatParams(Params):
     stream: bool = False
     response_schema: dict[str, Any] | None = None
     tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    session: (
+        Annotated[str, Field(min_length=1, max_length=58, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+        | None
+    ) = None
+
+
+class SessionInfo(BaseModel):
+    """What a chat session contributed: turns replayed, and turns moved out to storage."""
+
+    name: str
+    replayed: int
+    moved: int
 
 
 class Usage(BaseModel):
@@ -101,6 +114,8 @@ class ChatResult(Result):
     finish_reason: str | None
     usage: Usage
     timings: Timings
+    session: SessionInfo | None = None
+    notes: list[str] = Field(default_factory=list)
 
 
 class NoParams(Params):
@@ -216,5 +231,6 @@ SYSCALLS: dict[str, Syscall] = {
             "Running and waiting LLM requests per model, in queue order.",
         ),
         *_storage.SYSCALLS,
+        *_memory.SYSCALLS,
     )
 }

@@ -343,6 +343,22 @@ class UserStore:
             )
         return {"collection": collection, "key": key, "version": version, "deleted": True}
 
+    def purge(self, collection: str, key: str) -> None:
+        """Remove a key and every version of it (the daemon's own collections: forgotten
+        memory must not linger in history)."""
+        with self._tx():
+            head = self._head(collection, key)
+            cur = self._db.execute(
+                "DELETE FROM versions WHERE collection = ? AND key = ?", (collection, key)
+            )
+            if cur.rowcount == 0:
+                raise _not_found(collection, key, None)
+            if head:
+                self._db.execute("DELETE FROM search WHERE rowid = ?", (head[0],))
+            self._db.execute(
+                "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
+            )
+
     def history(self, collection: str, key: str) -> dict[str, Any]:
         """Every version kept, oldest first."""
         rows = self._db.execute(

@@ -15,11 +15,19 @@ DBUS = REPO / "packaging" / "dbus"
 
 def test_policy_lets_only_root_own_the_name_and_everyone_call_it() -> None:
     root = ET.parse(DBUS / "org.aiosd.Daemon1.conf").getroot()
-    owners = [(p.attrib, a.attrib) for p in root.findall("policy") for a in p.findall("allow")
-              if "own" in a.attrib]
+    owners = [
+        (p.attrib, a.attrib)
+        for p in root.findall("policy")
+        for a in p.findall("allow")
+        if "own" in a.attrib
+    ]
     assert owners == [({"user": "root"}, {"own": names.BUS_NAME})]
-    callers = [a.attrib for p in root.findall("policy") if p.get("context") == "default"
-               for a in p.findall("allow")]
+    callers = [
+        a.attrib
+        for p in root.findall("policy")
+        if p.get("context") == "default"
+        for a in p.findall("allow")
+    ]
     assert {"send_destination": names.BUS_NAME} in callers
 
 
@@ -30,8 +38,10 @@ def test_activation_file_names_the_bus_name_and_the_unit() -> None:
     assert svc["Name"] == names.BUS_NAME
     unit = svc["SystemdService"]
     assert (REPO / "packaging" / "systemd" / unit).exists()
-    assert "Alias=dbus-org.aiosd.Daemon1.service" in (
-        REPO / "packaging" / "systemd" / "aiosd.service").read_text()
+    assert (
+        "Alias=dbus-org.aiosd.Daemon1.service"
+        in (REPO / "packaging" / "systemd" / "aiosd.service").read_text()
+    )
 
 
 def test_every_syscall_has_a_bus_method_and_every_family_an_interface() -> None:

@@ -19,6 +19,7 @@ import select
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class SocketServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self._serial = 0
+        self._boot = f"{int(time.time()):x}"
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on ``sock`` (from socket activation) or bind ``self.path``."""
@@ -161,7 +163,9 @@ class SocketServer:
             return
         sock = writer.get_extra_info("socket")
         self._serial += 1
-        caller = dataclasses.replace(peer_caller(sock), session=f"socket-{self._serial}")
+        # Unique across restarts too: a session's pinned memory outlives the daemon.
+        session = f"socket-{self._boot}-{self._serial}"
+        caller = dataclasses.replace(peer_caller(sock), session=session)
         conn = _Connection(self, reader, writer, caller)
         self._connections.add(conn)
         self.kernel.connections = len(self._connections)

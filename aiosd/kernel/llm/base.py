@@ -22,6 +22,9 @@ class ChatRequest:
     seed: int | None = None
     response_schema: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    #: Tokens the prompt must leave free for the answer (0: refuse only a prompt that alone
+    #: does not fit).  Chat sessions use it to fit their history.
+    reserve: int = 0
 
 
 @dataclass

@@ -168,11 +168,16 @@ class LlamaCppBackend(Backend):
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )
         n_ctx = self.cfg.n_ctx
-        if len(tokens) >= n_ctx:
+        if len(tokens) + request.reserve >= n_ctx:
+            room = f" with {request.reserve} left for the answer" if request.reserve else ""
             raise ContextTooLong(
                 f"the prompt is {len(tokens)} tokens but model {self.name!r} has a context "
-                f"of {n_ctx} tokens",
-                data={"prompt_tokens": len(tokens), "context_length": n_ctx},
+                f"of {n_ctx} tokens{room}",
+                data={
+                    "prompt_tokens": len(tokens),
+                    "context_length": n_ctx,
+                    "reserve": request.reserve,
+                },
             )
         wanted = request.max_tokens or self.cfg.max_tokens
         return Prepared(

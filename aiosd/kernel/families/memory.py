@@ -1,0 +1,226 @@
+"""The ``memory.*`` syscalls: short-term memory, by default the caller's session's."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from aiosd.errors import NotSupported
+from aiosd.kernel.syscall_base import Emit, Params, Result, Syscall
+from aiosd.managers.access import Caller, Permission
+from aiosd.managers.memory import check_content
+
+if TYPE_CHECKING:
+    from aiosd.kernel.kernel import Kernel
+    from aiosd.managers.memory import MemoryManager
+
+Space = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+EntryId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Content = Annotated[str, Field(max_length=64 * 1024 * 1024)]
+Tags = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=32)]
+
+
+class AddParams(Params):
+    """Parameters of ``memory.add``."""
+
+    content: Content
+    tags: Tags | None = None
+    pinned: bool = False
+    space: Space | None = None
+
+
+class EntryResult(Result):
+    """Result of ``memory.add``, ``memory.get`` and ``memory.update``.
+
+    ``evicted``: ids of this space's entries moved to storage to make room.
+    """
+
+    space: str
+    id: int
+    content: str
+    tags: list[str]
+    pinned: bool
+    created: float
+    updated: float
+    size: int
+    evicted: list[int]
+
+
+class IdParams(Params):
+    """An entry of a space (``memory.get``, ``memory.delete``)."""
+
+    id: EntryId
+    space: Space | None = None
+
+
+class SearchParams(Params):
+    """Parameters of ``memory.search``."""
+
+    query: Annotated[str, Field(min_length=1, max_length=1024)]
+    space: Space | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 10
+
+
+class Hit(BaseModel):
+    """One search hit; ``evicted`` entries were found in storage."""
+
+    id: int
+    content: str
+    tags: list[str]
+    pinned: bool
+    created: float
+    updated: float
+    size: int
+    score: float
+    evicted: bool
+
+
+class SearchResult(Result):
+    """Result of ``memory.search``: best first."""
+
+    space: str
+    hits: list[Hit]
+
+
+class UpdateParams(Params):
+    """Parameters of ``memory.update``: at least one of content, tags and pinned."""
+
+    id: EntryId
+    content: Content | None = None
+    tags: Tags | None = None
+    pinned: bool | None = None
+    space: Space | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> UpdateParams:
+        if self.content is None and self.tags is None and self.pinned is None:
+            raise ValueError("give at least one of content, tags and pinned")
+        return self
+
+
+class DeleteResult(Result):
+    """Result of ``memory.delete``."""
+
+    space: str
+    id: int
+    deleted: bool
+
+
+class ClearParams(Params):
+    """Parameters of ``memory.clear``."""
+
+    space: Space | None = None
+    keep_pinned: bool = True
+
+
+class ClearResult(Result):
+    """Result of ``memory.clear``: how many entries were removed (RAM and storage)."""
+
+    space: str
+    removed: int
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+def _memory(k: Kernel) -> MemoryManager:
+    if k.memory is None:
+        raise NotSupported("short-term memory is not available in this daemon")
+    return k.memory
+
+
+def _space(p: Any, c: Caller) -> str:
+    """The space named, else the caller's session, else ``default``."""
+    space: str | None = p.space
+    return space or c.session or "default"
+
+
+async def _add(k: Kernel, p: AddParams, c: Caller, emit: Emit | None) -> Result:
+    check_content(p.content, k.config.memory.max_entry_bytes)
+    space = _space(p, c)
+    out = await _memory(k).add(c.uid, space, p.content, list(p.tags or []), p.pinned)
+    return EntryResult(space=space, **out)
+
+
+async def _get(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
+    space = _space(p, c)
+    return EntryResult(space=space, **await _memory(k).get(c.uid, space, p.id))
+
+
+async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
+    space = _space(p, c)
+    hits = await _memory(k).search(c.uid, space, p.query, p.limit)
+    return SearchResult(space=space, hits=[Hit(**h) for h in hits])
+
+
+async def _update(k: Kernel, p: UpdateParams, c: Caller, emit: Emit | None) -> Result:
+    if p.content is not None:
+        check_content(p.content, k.config.memory.max_entry_bytes)
+    space = _space(p, c)
+    tags = list(p.tags) if p.tags is not None else None
+    out = await _memory(k).update(c.uid, space, p.id, p.content, tags, p.pinned)
+    return EntryResult(space=space, **out)
+
+
+async def _delete(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
+    space = _space(p, c)
+    await _memory(k).delete(c.uid, space, p.id)
+    return DeleteResult(space=space, id=p.id, deleted=True)
+
+
+async def _clear(k: Kernel, p: ClearParams, c: Caller, emit: Emit | None) -> Result:
+    space = _space(p, c)
+    return ClearResult(space=space, removed=await _memory(k).clear(c.uid, space, p.keep_pinned))
+
+
+SYSCALLS = (
+    Syscall(
+        "memory.add",
+        AddParams,
+        EntryResult,
+        Permission.user,
+        _add,
+        "Remember something in a memory space (by default your session's).",
+    ),
+    Syscall(
+        "memory.get",
+        IdParams,
+        EntryResult,
+        Permission.user,
+        _get,
+        "Read a memory entry; an evicted one is brought back from storage.",
+    ),
+    Syscall(
+        "memory.search",
+        SearchParams,
+        SearchResult,
+        Permission.user,
+        _search,
+        "Keyword search of a memory space, evicted entries included, best first.",
+    ),
+    Syscall(
+        "memory.update",
+        UpdateParams,
+        EntryResult,
+        Permission.user,
+        _update,
+        "Change a memory entry's content, tags or pinning.",
+    ),
+    Syscall(
+        "memory.delete",
+        IdParams,
+        DeleteResult,
+        Permission.user,
+        _delete,
+        "Delete a memory entry (from RAM or storage).",
+    ),
+    Syscall(
+        "memory.clear",
+        ClearParams,
+        ClearResult,
+        Permission.user,
+        _clear,
+        "Empty a memory space (pinned entries stay unless keep_pinned is false).",
+    ),
+)

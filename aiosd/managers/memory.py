@@ -1,0 +1,586 @@
+"""Memory manager: short-term memory of agents and client sessions, in RAM, with LRU-K.
+
+Memory lives in RAM per ``(uid, space)``; a space is a client session (by default) or a name
+the client chooses.  Every entry keeps the times of its last K accesses on one manager-wide
+logical clock (add, get and update are accesses; search is not).
+
+Budgets: entries and bytes per space, and bytes for the whole daemon.  After every add, update
+or reload, while a budget is exceeded one unpinned entry is evicted by LRU-K: the entry whose
+K-th most recent access is the oldest; entries with fewer than K accesses (infinite backward
+K-distance) go first, the least recently used of them first.  The entry being written is never
+its own victim.  If only pinned entries are left the write is refused (QuotaExceeded) and
+nothing changes.  Evicting moves the entry to the owner's storage, collection
+``_memory.<space>`` and key ``str(id)``: search still finds it there, and get or update brings
+it back into RAM.
+
+Spaces of different users never meet: every lookup is keyed by uid, so another user's id is
+simply not found.  One lock makes every operation atomic, storage writes included (the daemon
+budget may evict from any user's space).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosd.config import MemoryConfig
+from aiosd.errors import AiosError, InvalidParams, NotFound, QuotaExceeded
+from aiosd.managers.storage import StorageManager, UserStore
+
+log = logging.getLogger(__name__)
+
+#: Half-life of the recency weight of search scores, in accesses of the logical clock.
+RECENCY_HALF_LIFE = 50
+#: Candidates asked of the storage's full-text search per memory search (before filtering).
+STORED_CANDIDATES = 500
+_PAGE = 1000
+
+
+def collection_of(space: str) -> str:
+    """The storage collection that holds a space's evicted entries."""
+    return f"_memory.{space}"
+
+
+def check_content(content: str, limit: int) -> None:
+    """Refuse content longer than ``limit`` bytes (UTF-8), naming the field."""
+    size = len(content.encode())
+    if size > limit:
+        raise InvalidParams(
+            f"invalid params: content: {size} bytes, more than memory.max_entry_bytes ({limit})",
+            data={"errors": [{"field": "content", "message": f"larger than {limit} bytes"}]},
+        )
+
+
+@dataclass
+class _Entry:
+    id: int
+    content: str
+    tags: list[str]
+    pinned: bool
+    created: float
+    updated: float
+    #: Logical times of the last K accesses, oldest first.
+    accesses: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.content.encode())
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "content": self.content,
+            "tags": list(self.tags),
+            "pinned": self.pinned,
+            "created": self.created,
+            "updated": self.updated,
+            "size": self.size,
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "tags": list(self.tags),
+            "created": self.created,
+            "updated": self.updated,
+            "pinned": self.pinned,
+            "accesses": list(self.accesses),
+        }
+
+    @classmethod
+    def stored(cls, id_: int, row: dict[str, Any]) -> _Entry:
+        """Rebuild an entry from its storage row (``UserStore.get``)."""
+        meta = row.get("metadata") or {}
+        raw = row["value"]
+        content = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        created = float(meta.get("created", row.get("created", time.time())))
+        tags = meta.get("tags", [])
+        accesses = meta.get("accesses", [])
+        return cls(
+            id=id_,
+            content=content,
+            tags=[str(t) for t in tags] if isinstance(tags, list) else [],
+            pinned=bool(meta.get("pinned", False)),
+            created=created,
+            updated=float(meta.get("updated", created)),
+            accesses=[int(a) for a in accesses] if isinstance(accesses, list) else [],
+        )
+
+
+@dataclass
+class _Space:
+    uid: int
+    name: str
+    next_id: int
+    entries: dict[int, _Entry] = field(default_factory=dict)
+    bytes: int = 0
+
+
+# --- work done in a user's store thread ------------------------------------------------------
+
+
+def _keys(s: UserStore, collection: str) -> list[str]:
+    keys: list[str] = []
+    after: str | None = None
+    while True:
+        page = s.list_keys(collection, "", _PAGE, after)
+        keys.extend(e["key"] for e in page["entries"])
+        if page["next"] is None:
+            return keys
+        after = page["next"]
+
+
+def _max_id(s: UserStore, collection: str) -> int:
+    return max((int(k) for k in _keys(s, collection) if k.isdigit()), default=0)
+
+
+def _load(s: UserStore, collection: str, id_: int) -> dict[str, Any] | None:
+    try:
+        return s.get(collection, str(id_), None)
+    except NotFound:
+        return None
+
+
+def _present(s: UserStore, collection: str, ids: list[int]) -> set[int]:
+    return {i for i in ids if _load(s, collection, i) is not None}
+
+
+def _purge(s: UserStore, collection: str, keep_pinned: bool) -> int:
+    removed = 0
+    for key in _keys(s, collection):
+        if keep_pinned and s.get(collection, key, None)["metadata"].get("pinned"):
+            continue
+        s.purge(collection, key)
+        removed += 1
+    return removed
+
+
+def _stored_matches(s: UserStore, collection: str, query: str) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        hits = s.search(query, [collection], {}, STORED_CANDIDATES, 0)
+    except InvalidParams:
+        return []
+    out: list[tuple[int, dict[str, Any]]] = []
+    for h in hits:
+        if h["key"].isdigit():
+            row = _load(s, collection, int(h["key"]))
+            if row is not None:
+                out.append((int(h["key"]), row))
+    return out
+
+
+def _score(content: str, tags: list[str], words: list[str], age: int) -> float:
+    """Occurrences of the words × recency weight; 0 unless every word occurs."""
+    text = content.lower()
+    lowered = [t.lower() for t in tags]
+    total = 0
+    for w in words:
+        n = text.count(w) + sum(t.count(w) for t in lowered)
+        if n == 0:
+            return 0.0
+        total += n
+    weight: float = 0.5 ** (max(age, 0) / RECENCY_HALF_LIFE)
+    return total * weight
+
+
+class MemoryManager:
+    """Short-term memory per (uid, space), bounded by budgets, evicting to storage by LRU-K."""
+
+    def __init__(self, storage: StorageManager, cfg: MemoryConfig) -> None:
+        self.storage = storage
+        self.cfg = cfg
+        self._spaces: dict[tuple[int, str], _Space] = {}
+        self._total = 0
+        self._clock = 0
+        self._lock = asyncio.Lock()
+
+    def configure(self, cfg: MemoryConfig) -> None:
+        """Apply new [memory] settings; smaller budgets take effect at the next write."""
+        self.cfg = cfg
+
+    # --- public API ---------------------------------------------------------------------------
+
+    async def add(
+        self, uid: int, space: str, content: str, tags: list[str], pinned: bool
+    ) -> dict[str, Any]:
+        """Add an entry; returns it with ``evicted``: ids of this space moved to storage."""
+        check_content(content, self.cfg.max_entry_bytes)
+        async with self._lock:
+            sp = await self._space(uid, space)
+            now = time.time()
+            e = _Entry(sp.next_id, content, list(tags), pinned, now, now)
+            sp.next_id += 1
+            self._touch(e)
+            self._insert(sp, e)
+            try:
+                evicted = await self._make_room(sp, e)
+            except BaseException:
+                self._remove(sp, e)
+                if sp.next_id == e.id + 1:
+                    sp.next_id = e.id
+                raise
+            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+
+    async def get(self, uid: int, space: str, id: int) -> dict[str, Any]:
+        """An entry (an access); an evicted one is brought back into RAM, which may evict."""
+        async with self._lock:
+            sp = self._spaces.get((uid, space))
+            e = sp.entries.get(id) if sp is not None else None
+            if sp is not None and e is not None:
+                self._touch(e)
+                return {**e.public(), "evicted": []}
+            sp, e = await self._reload(uid, space, id)
+            self._touch(e)
+            try:
+                evicted = await self._make_room(sp, e)
+            except QuotaExceeded:
+                # No room (only pinned entries left): serve it from storage, where it stays.
+                self._remove(sp, e)
+                return {**e.public(), "evicted": []}
+            except BaseException:
+                self._remove(sp, e)
+                raise
+            await self._unstore(uid, space, id)
+            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+
+    async def update(
+        self,
+        uid: int,
+        space: str,
+        id: int,
+        content: str | None = None,
+        tags: list[str] | None = None,
+        pinned: bool | None = None,
+    ) -> dict[str, Any]:
+        """Change an entry (an access); refused, changing nothing, if it cannot fit."""
+        if content is not None:
+            check_content(content, self.cfg.max_entry_bytes)
+        async with self._lock:
+            sp = self._spaces.get((uid, space))
+            e = sp.entries.get(id) if sp is not None else None
+            reloaded = False
+            if sp is None or e is None:
+                sp, e = await self._reload(uid, space, id)
+                reloaded = True
+            before = (e.content, list(e.tags), e.pinned, e.updated, list(e.accesses))
+            self._remove(sp, e)
+            if content is not None:
+                e.content = content
+            if tags is not None:
+                e.tags = list(tags)
+            if pinned is not None:
+                e.pinned = pinned
+            e.updated = time.time()
+            self._touch(e)
+            self._insert(sp, e)
+            try:
+                evicted = await self._make_room(sp, e)
+            except BaseException:
+                self._remove(sp, e)
+                e.content, e.tags, e.pinned, e.updated, e.accesses = before
+                if not reloaded:
+                    self._insert(sp, e)
+                raise
+            if reloaded:
+                await self._unstore(uid, space, id)
+            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+
+    async def delete(self, uid: int, space: str, id: int) -> None:
+        """Delete an entry, from RAM or (if evicted) from storage."""
+        async with self._lock:
+            sp = self._spaces.get((uid, space))
+            e = sp.entries.get(id) if sp is not None else None
+            if sp is not None and e is not None:
+                self._remove(sp, e)
+                return
+            if not self.storage.exists(uid) or not await self._unstore(uid, space, id):
+                raise _not_found(space, id)
+
+    async def clear(self, uid: int, space: str, keep_pinned: bool) -> int:
+        """Remove a space's entries (pinned ones too unless ``keep_pinned``); returns how many."""
+        async with self._lock:
+            removed = 0
+            sp = self._spaces.get((uid, space))
+            if sp is not None:
+                for e in list(sp.entries.values()):
+                    if not (keep_pinned and e.pinned):
+                        self._remove(sp, e)
+                        removed += 1
+            if self.storage.exists(uid):
+                coll = collection_of(space)
+                removed += await self.storage.run(uid, lambda s: _purge(s, coll, keep_pinned))
+            return removed
+
+    async def search(self, uid: int, space: str, query: str, limit: int) -> list[dict[str, Any]]:
+        """Entries where every word occurs (case-insensitive) in content or tags, best first.
+
+        Score: occurrences of the words × ``0.5 ** (accesses since the entry's last / 50)``.
+        Evicted entries come from the storage's full-text index (whole words) and carry
+        ``evicted: true``.  Searching is not an access.
+        """
+        words = [w.lower() for w in query.split()]
+        if not words:
+            raise InvalidParams(
+                "invalid params: query: needs at least one word",
+                data={"errors": [{"field": "query", "message": "needs at least one word"}]},
+            )
+        async with self._lock:
+            now = self._clock
+            hits: list[dict[str, Any]] = []
+            sp = self._spaces.get((uid, space))
+            resident = sp.entries if sp is not None else {}
+            for e in resident.values():
+                score = _score(e.content, e.tags, words, now - e.accesses[-1])
+                if score > 0:
+                    hits.append({**e.public(), "score": round(score, 6), "evicted": False})
+            if self.storage.exists(uid):
+                coll = collection_of(space)
+                stored = await self.storage.run(uid, lambda s: _stored_matches(s, coll, query))
+                for id_, row in stored:
+                    if id_ in resident:
+                        continue
+                    e = _Entry.stored(id_, row)
+                    last = e.accesses[-1] if e.accesses else 0
+                    score = _score(e.content, e.tags, words, now - last)
+                    if score > 0:
+                        hits.append({**e.public(), "score": round(score, 6), "evicted": True})
+            hits.sort(key=lambda h: (-h["score"], -h["id"]))
+            return hits[:limit]
+
+    async def entries(self, uid: int, space: str) -> list[dict[str, Any]]:
+        """The space's entries in RAM, in id order (not an access)."""
+        async with self._lock:
+            sp = self._spaces.get((uid, space))
+            if sp is None:
+                return []
+            return [sp.entries[i].public() for i in sorted(sp.entries)]
+
+    async def evict(self, uid: int, space: str, ids: list[int]) -> None:
+        """Move the given entries to storage now, even under budget (pinned ones too).
+
+        Ids already in storage are left there; an id found nowhere is NotFound (and then
+        nothing is moved).
+        """
+        async with self._lock:
+            sp = self._spaces.get((uid, space))
+            resident = sp.entries if sp is not None else {}
+            elsewhere = [i for i in dict.fromkeys(ids) if i not in resident]
+            if elsewhere:
+                coll = collection_of(space)
+                found = (
+                    await self.storage.run(uid, lambda s: _present(s, coll, elsewhere))
+                    if self.storage.exists(uid)
+                    else set()
+                )
+                for i in elsewhere:
+                    if i not in found:
+                        raise _not_found(space, i)
+            if sp is None:
+                return
+            for i in dict.fromkeys(ids):
+                e = sp.entries.get(i)
+                if e is not None:
+                    await self._store(sp, e)
+                    self._remove(sp, e)
+
+    async def stats(self) -> dict[str, Any]:
+        """Totals over the daemon: bytes and entries in RAM, spaces holding entries."""
+        async with self._lock:
+            return {
+                "bytes": self._total,
+                "entries": sum(len(sp.entries) for sp in self._spaces.values()),
+                "spaces": sum(1 for sp in self._spaces.values() if sp.entries),
+                "budget_bytes": self.cfg.budget_bytes,
+            }
+
+    async def drop_session(self, uid: int, space: str) -> None:
+        """A session ended: unpinned entries go (RAM and storage); pinned ones move to storage."""
+        async with self._lock:
+            if self.storage.exists(uid):
+                coll = collection_of(space)
+                await self.storage.run(uid, lambda s: _purge(s, coll, True))
+            sp = self._spaces.get((uid, space))
+            if sp is None:
+                return
+            for e in list(sp.entries.values()):
+                if e.pinned:
+                    try:
+                        await self._store(sp, e)
+                    except AiosError as exc:
+                        # Never lose a pinned entry: it stays in RAM (the space survives).
+                        log.warning(
+                            "memory: kept pinned entry %d of uid %d space %r in RAM: %s",
+                            e.id,
+                            uid,
+                            space,
+                            exc.message,
+                        )
+                        continue
+                self._remove(sp, e)
+            if not sp.entries:
+                del self._spaces[(uid, space)]
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _touch(self, e: _Entry) -> None:
+        self._clock += 1
+        e.accesses.append(self._clock)
+        del e.accesses[: -self.cfg.lru_k]
+
+    def _insert(self, sp: _Space, e: _Entry) -> None:
+        sp.entries[e.id] = e
+        sp.bytes += e.size
+        self._total += e.size
+
+    def _remove(self, sp: _Space, e: _Entry) -> None:
+        if sp.entries.pop(e.id, None) is not None:
+            sp.bytes -= e.size
+            self._total -= e.size
+
+    async def _space(self, uid: int, space: str) -> _Space:
+        """The space in RAM, made if needed (ids continue after those in storage)."""
+        sp = self._spaces.get((uid, space))
+        if sp is None:
+            top = 0
+            if self.storage.exists(uid):
+                coll = collection_of(space)
+                top = await self.storage.run(uid, lambda s: _max_id(s, coll))
+            sp = self._spaces.setdefault((uid, space), _Space(uid, space, top + 1))
+        return sp
+
+    async def _reload(self, uid: int, space: str, id_: int) -> tuple[_Space, _Entry]:
+        """Put an evicted entry back in RAM (still in storage until the caller unstores it)."""
+        row = None
+        if self.storage.exists(uid):
+            coll = collection_of(space)
+            row = await self.storage.run(uid, lambda s: _load(s, coll, id_))
+        if row is None:
+            raise _not_found(space, id_)
+        e = _Entry.stored(id_, row)
+        if e.accesses:
+            # Access times from an earlier run of the daemon must not lie in the future.
+            self._clock = max(self._clock, e.accesses[-1])
+        sp = await self._space(uid, space)
+        sp.next_id = max(sp.next_id, id_ + 1)
+        self._insert(sp, e)
+        return sp, e
+
+    async def _store(self, sp: _Space, e: _Entry) -> None:
+        coll, key, value, meta = collection_of(sp.name), str(e.id), e.content.encode(), e.metadata()
+        await self.storage.run(sp.uid, lambda s: s.put(coll, key, value, True, meta))
+
+    async def _unstore(self, uid: int, space: str, id_: int) -> bool:
+        coll = collection_of(space)
+
+        def fn(s: UserStore) -> bool:
+            try:
+                s.purge(coll, str(id_))
+            except NotFound:
+                return False
+            return True
+
+        return await self.storage.run(uid, fn)
+
+    def _rank(self, sp: _Space, e: _Entry) -> tuple[int, int, int, str, int]:
+        """LRU-K order, victim first: K-th last access (none: first), then last access."""
+        k = self.cfg.lru_k
+        kth = e.accesses[-k] if len(e.accesses) >= k else -1
+        last = e.accesses[-1] if e.accesses else -1
+        return (kth, last, sp.uid, sp.name, e.id)
+
+    def _plan(self, sp: _Space, keep: _Entry, skip: set[int]) -> list[tuple[_Space, _Entry]]:
+        """The victims that bring every budget back within limits; QuotaExceeded if none do.
+
+        ``keep`` (the entry being written) and entries whose ``id()`` is in ``skip`` are
+        never chosen.  Nothing is changed.
+        """
+        cfg = self.cfg
+        victims: list[tuple[_Space, _Entry]] = []
+        count, size, total = len(sp.entries), sp.bytes, self._total
+        if count > cfg.max_entries_per_space or size > cfg.max_bytes_per_space:
+            local = sorted(
+                (
+                    e
+                    for e in sp.entries.values()
+                    if not e.pinned and e is not keep and id(e) not in skip
+                ),
+                key=lambda e: self._rank(sp, e),
+            )
+            pending = iter(local)
+            while count > cfg.max_entries_per_space or size > cfg.max_bytes_per_space:
+                victim = next(pending, None)
+                if victim is None:
+                    if count > cfg.max_entries_per_space:
+                        raise _refused(
+                            "memory.max_entries_per_space", cfg.max_entries_per_space, count
+                        )
+                    raise _refused("memory.max_bytes_per_space", cfg.max_bytes_per_space, size)
+                victims.append((sp, victim))
+                count -= 1
+                size -= victim.size
+                total -= victim.size
+        if total > cfg.budget_bytes:
+            taken = {id(e) for _, e in victims} | skip
+            heap = [
+                (self._rank(s, e), s, e)
+                for s in self._spaces.values()
+                for e in s.entries.values()
+                if not e.pinned and e is not keep and id(e) not in taken
+            ]
+            heapq.heapify(heap)
+            while total > cfg.budget_bytes:
+                if not heap:
+                    raise _refused("memory.budget_bytes", cfg.budget_bytes, total)
+                _, s, victim = heapq.heappop(heap)
+                victims.append((s, victim))
+                total -= victim.size
+        return victims
+
+    async def _make_room(self, sp: _Space, keep: _Entry) -> list[tuple[_Space, _Entry]]:
+        """Evict until every budget holds; returns the evicted entries.
+
+        Refuses before evicting anything when only pinned entries are left.  An entry whose
+        owner's storage refuses it (e.g. a full storage quota) stays in RAM and another victim
+        is chosen.
+        """
+        evicted: list[tuple[_Space, _Entry]] = []
+        skip: set[int] = set()
+        while True:
+            victims = self._plan(sp, keep, skip)
+            for vsp, victim in victims:
+                try:
+                    await self._store(vsp, victim)
+                except AiosError as exc:
+                    log.warning(
+                        "memory: could not evict entry %d of uid %d space %r: %s",
+                        victim.id,
+                        vsp.uid,
+                        vsp.name,
+                        exc.message,
+                    )
+                    skip.add(id(victim))
+                    break
+                self._remove(vsp, victim)
+                evicted.append((vsp, victim))
+            else:
+                return evicted
+
+    @staticmethod
+    def _ids_in(sp: _Space, evicted: list[tuple[_Space, _Entry]]) -> list[int]:
+        """Ids of the evicted entries that belonged to ``sp`` (never another user's)."""
+        return [e.id for s, e in evicted if s is sp]
+
+
+def _not_found(space: str, id_: int) -> NotFound:
+    return NotFound(f"no memory entry {id_} in space {space!r}")
+
+
+def _refused(limit: str, value: int, needed: int) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"memory limit {limit} ({value}) would be exceeded ({needed}) and no entry can be "
+        "evicted (only pinned entries are left): unpin or delete some entries",
+        data={"limit": limit, "value": value, "needed": needed},
+    )

@@ -1,0 +1,140 @@
+"""The memory.* syscalls through the kernel (no front-end): one user's ids are simply not
+found by another, and bad input names the field."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiosd.config import Config
+from aiosd.errors import InvalidParams, NotFound
+from aiosd.kernel.kernel import Kernel
+from aiosd.managers.access import Caller
+
+ALICE = Caller(uid=5001, gid=5001, pid=11, session="socket-1")
+BOB = Caller(uid=5002, gid=5002, pid=12, session="socket-1")  # same session name, other uid
+
+
+def _kernel(tmp_path: Path, **memory: Any) -> Kernel:
+    k = Kernel(
+        Config.model_validate(
+            {
+                "daemon": {"state_directory": str(tmp_path)},
+                "access": {"open_to_all": True},
+                "memory": memory,
+            }
+        ),
+        backends={},
+    )
+    asyncio.run(k.start())
+    return k
+
+
+def _call(k: Kernel, name: str, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    return asyncio.run(k.dispatch(name, params, caller))
+
+
+def test_each_memory_syscall_works_for_its_owner(tmp_path: Path) -> None:
+    k = _kernel(tmp_path)
+    out = _call(k, "memory.add", {"content": "buy milk", "tags": ["todo"]}, ALICE)
+    assert out["space"] == "socket-1" and out["id"] == 1 and out["evicted"] == []
+    assert _call(k, "memory.get", {"id": 1}, ALICE)["content"] == "buy milk"
+    hits = _call(k, "memory.search", {"query": "milk"}, ALICE)
+    assert hits["space"] == "socket-1" and [h["id"] for h in hits["hits"]] == [1]
+    out = _call(k, "memory.update", {"id": 1, "pinned": True}, ALICE)
+    assert out["pinned"] is True and out["content"] == "buy milk"
+    named = _call(k, "memory.add", {"content": "x", "space": "notes.v1"}, ALICE)
+    assert named["space"] == "notes.v1" and named["id"] == 1
+    assert _call(k, "memory.delete", {"id": 1, "space": "notes.v1"}, ALICE) == {
+        "space": "notes.v1",
+        "id": 1,
+        "deleted": True,
+    }
+    assert _call(k, "memory.clear", {}, ALICE) == {"space": "socket-1", "removed": 0}
+    assert _call(k, "memory.clear", {"keep_pinned": False}, ALICE)["removed"] == 1
+    no_session = Caller(uid=5001, gid=5001, pid=13)
+    assert _call(k, "memory.add", {"content": "y"}, no_session)["space"] == "default"
+
+
+def test_another_users_ids_are_not_found(tmp_path: Path) -> None:
+    k = _kernel(tmp_path)
+    for space in (None, "shared-name"):
+        where = {} if space is None else {"space": space}
+        _call(k, "memory.add", {"content": "alice secret", **where}, ALICE)
+        _call(k, "memory.add", {"content": "alice evicted secret", **where}, ALICE)
+    assert k.memory is not None
+    asyncio.run(k.memory.evict(ALICE.uid, "socket-1", [2]))
+    asyncio.run(k.memory.evict(ALICE.uid, "shared-name", [2]))
+
+    for where in ({}, {"space": "shared-name"}, {"space": "socket-1"}):
+        for id_ in (1, 2):
+            calls: list[tuple[str, dict[str, Any]]] = [
+                ("memory.get", {"id": id_}),
+                ("memory.update", {"id": id_, "content": "bob was here"}),
+                ("memory.update", {"id": id_, "pinned": True}),
+                ("memory.delete", {"id": id_}),
+            ]
+            for name, params in calls:
+                with pytest.raises(NotFound):  # never PermissionDenied: nothing is revealed
+                    _call(k, name, {**params, **where}, BOB)
+        found = _call(k, "memory.search", {"query": "secret", **where}, BOB)
+        assert found["hits"] == []
+        assert _call(k, "memory.clear", {"keep_pinned": False, **where}, BOB)["removed"] == 0
+
+    # Alice's entries are all still there, unchanged.
+    for where in ({}, {"space": "shared-name"}):
+        for id_, text in ((1, "alice secret"), (2, "alice evicted secret")):
+            assert _call(k, "memory.get", {"id": id_, **where}, ALICE)["content"] == text
+
+
+def _invalid(k: Kernel, name: str, params: dict[str, Any]) -> InvalidParams:
+    with pytest.raises(InvalidParams) as exc:
+        _call(k, name, params, ALICE)
+    return exc.value
+
+
+def _fields(err: InvalidParams) -> set[str]:
+    return {e["field"] for e in err.data["errors"]}
+
+
+def test_oversize_content_names_the_field(tmp_path: Path) -> None:
+    k = _kernel(tmp_path, max_entry_bytes=16)
+    _call(k, "memory.add", {"content": "é" * 8}, ALICE)  # 16 bytes: fits
+    err = _invalid(k, "memory.add", {"content": "é" * 9})  # 9 characters, 18 bytes
+    assert "content" in err.message and _fields(err) == {"content"}
+    err = _invalid(k, "memory.update", {"id": 1, "content": "x" * 17})
+    assert "content" in err.message and _fields(err) == {"content"}
+    assert _call(k, "memory.get", {"id": 1}, ALICE)["content"] == "é" * 8
+
+
+@pytest.mark.parametrize("space", ["a/b", "a\x00b", "", "_memory", ".hidden", "x" * 65])
+def test_bad_space_names_the_field(tmp_path: Path, space: str) -> None:
+    k = _kernel(tmp_path)
+    for name, params in (
+        ("memory.add", {"content": "x"}),
+        ("memory.get", {"id": 1}),
+        ("memory.search", {"query": "x"}),
+        ("memory.update", {"id": 1, "pinned": True}),
+        ("memory.delete", {"id": 1}),
+        ("memory.clear", {}),
+    ):
+        err = _invalid(k, name, {**params, "space": space})
+        assert err.message.startswith("invalid params: space:") and _fields(err) == {"space"}
+
+
+def test_other_bad_input_names_the_field(tmp_path: Path) -> None:
+    k = _kernel(tmp_path)
+    err = _invalid(k, "memory.update", {"id": 1})
+    assert all(f in err.message for f in ("content", "tags", "pinned"))
+    err = _invalid(k, "memory.add", {"content": "x", "tags": ["t"] * 33})
+    assert _fields(err) == {"tags"}
+    err = _invalid(k, "memory.add", {"content": "x", "tags": ["t" * 65]})
+    assert _fields(err) == {"tags.0"}
+    for limit in (0, 101):
+        assert _fields(_invalid(k, "memory.search", {"query": "x", "limit": limit})) == {"limit"}
+    assert _fields(_invalid(k, "memory.search", {"query": "   "})) == {"query"}
+    assert _fields(_invalid(k, "memory.get", {"id": 0})) == {"id"}
+    assert _fields(_invalid(k, "memory.add", {"content": "x", "owner": 5002})) == {"owner"}
