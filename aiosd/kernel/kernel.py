@@ -129,12 +129,18 @@ class Kernel:
         pending = {t for t in self._inflight if not t.done()}
         if pending:
             log.info("waiting up to %.1fs for %d request(s) to finish", drain_timeout, len(pending))
-            _, pending = await asyncio.wait(pending, timeout=drain_timeout or None)
+            _, pending = await asyncio.wait(pending, timeout=drain_timeout)
         if pending:
             log.warning("cancelling %d request(s) still running", len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=close_timeout)
+        if self.memory is not None:
+            try:
+                # Short-term memory ends with the daemon; pinned entries are kept in storage.
+                await asyncio.wait_for(self.memory.persist_pinned(), timeout=close_timeout)
+            except (TimeoutError, Exception):
+                log.exception("keeping pinned memory failed")
         try:
             await asyncio.wait_for(self.storage.close(), timeout=close_timeout)
         except (TimeoutError, Exception):
@@ -175,7 +181,7 @@ class Kernel:
 
     async def session_closed(self, caller: Caller) -> None:
         """A client session ended: its short-term memory goes (pinned entries stay)."""
-        if caller.session is not None and self.memory is not None:
+        if caller.session is not None and self.memory is not None and self.state != "stopping":
             await self.memory.drop_session(caller.uid, caller.session)
 
     def backend(self, model: str | None) -> Backend:

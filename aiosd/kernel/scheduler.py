@@ -122,18 +122,21 @@ class Scheduler:
             elif ticket.slot is not None:
                 # Granted in the same tick we were cancelled: give the slot back.
                 self._release(ticket)
+                self._changed()
             raise
         return ticket
 
     def _make_room(self, q: _ModelQueue, newcomer: Ticket) -> None:
         """Reject the newest waiting request of the lowest class, or the newcomer."""
-        victim = max(q.waiting, key=lambda t: t.sort_key)
+        # A waiter cancelled a moment ago still sits in the list until its task runs.
+        live = [t for t in q.waiting if t.future is not None and not t.future.done()]
+        victim = max(live, key=lambda t: t.sort_key) if live else newcomer
         busy = Busy(
             f"the queue of model {newcomer.model!r} is full "
             f"({len(q.waiting)} waiting, limit {self.queue_size}); try again later",
             data={"queue_length": len(q.waiting), "limit": self.queue_size},
         )
-        if newcomer.priority.rank >= victim.priority.rank:
+        if victim is newcomer or newcomer.priority.rank >= victim.priority.rank:
             raise busy
         q.waiting.remove(victim)
         assert victim.future is not None
@@ -153,8 +156,10 @@ class Scheduler:
         q.served += 1
         while q.free and q.waiting:
             nxt = q.waiting.pop(0)
-            self._start(q, nxt, q.free.pop(0))
             assert nxt.future is not None
+            if nxt.future.done():  # cancelled, its task has not run yet: skip it
+                continue
+            self._start(q, nxt, q.free.pop(0))
             nxt.future.set_result(nxt.slot or 0)
 
     def close(self) -> None:

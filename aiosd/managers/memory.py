@@ -396,6 +396,24 @@ class MemoryManager:
                 "budget_bytes": self.cfg.budget_bytes,
             }
 
+    async def persist_pinned(self) -> None:
+        """At shutdown: move every pinned entry in RAM to its owner's storage."""
+        async with self._lock:
+            for sp in list(self._spaces.values()):
+                for e in [e for e in sp.entries.values() if e.pinned]:
+                    try:
+                        await self._store(sp, e)
+                    except AiosError as exc:
+                        log.warning(
+                            "memory: pinned entry %d of uid %d space %r not kept: %s",
+                            e.id,
+                            sp.uid,
+                            sp.name,
+                            exc.message,
+                        )
+                        continue
+                    self._remove(sp, e)
+
     async def drop_session(self, uid: int, space: str) -> None:
         """A session ended: unpinned entries go (RAM and storage); pinned ones move to storage."""
         async with self._lock:

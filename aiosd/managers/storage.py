@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiosd.errors import InvalidParams, NotFound, QuotaExceeded
+from aiosd.errors import InvalidParams, NotFound, QuotaExceeded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -492,10 +491,12 @@ class StorageManager:
         self.durability = durability
         self.limits = limits
         self._stores: dict[int, UserStore] = {}
-        self._lock = threading.Lock()
+        self._closed = False
 
     async def run(self, uid: int, fn: Callable[[UserStore], T]) -> T:
         """Run ``fn(store)`` in ``uid``'s store thread, opening the store if needed."""
+        if self._closed:
+            raise ShuttingDown("storage is closed: the daemon is stopping")
         store = self._stores.get(uid)
         if store is None:
             store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
@@ -509,6 +510,7 @@ class StorageManager:
 
     async def close(self) -> None:
         """Close every store and stop its thread."""
+        self._closed = True
         loop = asyncio.get_running_loop()
         for store in list(self._stores.values()):
             await loop.run_in_executor(store.executor, store.close)

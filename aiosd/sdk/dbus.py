@@ -139,20 +139,52 @@ class BusClient:
             events.append((path, signal, args.unpack()))
 
         con = self._bus.con
-        # Subscribed before the request exists, so not even its first token can be missed.
-        sub = con.signal_subscribe(
-            names.BUS_NAME,
-            names.REQUEST_INTERFACE,
-            None,
-            None,
-            None,
-            Gio.DBusSignalFlags.NONE,
-            on_signal,
-            None,
-        )
+        owner = self._owner()
+        gone: list[str] = []
+
+        def on_owner(
+            con: Any,
+            sender: str,
+            path: str,
+            iface: str,
+            signal: str,
+            args: GLib.Variant,
+            _data: Any,
+        ) -> None:
+            _name, old, _new = args.unpack()
+            if old == owner:
+                gone.append("the daemon left the bus")
+
+        # Subscribed before the request exists, so not even its first token can be missed;
+        # on the daemon's unique name, which stays valid while it drains after a stop.
+        subs = [
+            con.signal_subscribe(
+                owner,
+                names.REQUEST_INTERFACE,
+                None,
+                None,
+                None,
+                Gio.DBusSignalFlags.NONE,
+                on_signal,
+                None,
+            ),
+            con.signal_subscribe(
+                "org.freedesktop.DBus",
+                "org.freedesktop.DBus",
+                "NameOwnerChanged",
+                "/org/freedesktop/DBus",
+                names.BUS_NAME,
+                Gio.DBusSignalFlags.NONE,
+                on_owner,
+                None,
+            ),
+        ]
+        closed = con.connect("closed", lambda *_: gone.append("the bus connection closed"))
+        path: str | None = None
+        finished = False
         try:
             path = self._invoke(self._method(method, True), dict(params or {}))
-            ctx = GLib.MainContext.default()
+            ctx = GLib.MainContext.ref_thread_default()
             while True:
                 while events:
                     where, signal, args = events.popleft()
@@ -161,13 +193,53 @@ class BusClient:
                     if signal == "Token":
                         yield {"seq": args[0], "content": args[1]}
                     elif signal == "Finished":
+                        finished = True
                         self.last_result = args[0]
                         return
                     elif signal == "Failed":
+                        finished = True
                         raise error_for_dbus_name(args[0], args[1])
+                if gone:
+                    raise DaemonUnreachable(self._where(), gone[0], _HINT)
                 ctx.iteration(True)
         finally:
-            con.signal_unsubscribe(sub)
+            for sub in subs:
+                con.signal_unsubscribe(sub)
+            con.disconnect(closed)
+            if path is not None and not finished and not gone:
+                # Abandoned by the caller: stop the work rather than leave it running.
+                try:
+                    con.call_sync(
+                        owner,
+                        path,
+                        names.REQUEST_INTERFACE,
+                        "Cancel",
+                        None,
+                        None,
+                        Gio.DBusCallFlags.NONE,
+                        5000,
+                        None,
+                    )
+                except GLib.Error:
+                    pass
+
+    def _owner(self) -> str:
+        try:
+            reply = self._bus.con.call_sync(
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "GetNameOwner",
+                GLib.Variant("(s)", (names.BUS_NAME,)),
+                GLib.VariantType.new("(s)"),
+                Gio.DBusCallFlags.NONE,
+                -1,
+                None,
+            )
+        except GLib.Error as exc:
+            Gio.DBusError.strip_remote_error(exc)
+            raise DaemonUnreachable(self._where(), exc.message, _HINT) from None
+        return str(reply.unpack()[0])
 
     def _where(self) -> str:
         return f"{names.BUS_NAME} on the bus {self.address}"

@@ -129,3 +129,68 @@ def test_second_daemon_cannot_take_the_name(tmp_path: Path, private_bus: Private
         assert "org.aiosd.Daemon1 is already owned" in out.stderr
     finally:
         assert first.stop() == 0
+
+
+def test_clients_leaving_or_the_bus_dying_with_calls_in_flight() -> None:
+    import threading
+
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-inflight-"))
+    bus = PrivateBus(directory / "bus")
+    bus.start()
+    d = Daemon(directory, write_config(directory, dbus_address=bus.address, slots=1))
+    try:
+        d.wait_ready()
+        # A client with two plain Chat calls in flight leaves: both are cancelled.
+        script = (
+            "import sys, threading, os\n"
+            "from aiosd.sdk.dbus import BusClient\n"
+            "def go():\n"
+            "    c = BusClient(sys.argv[1]); c.connect()\n"
+            "    c.call('llm.chat', {'messages': [{'role': 'user', 'content': 'story'}],"
+            " 'max_tokens': 1500})\n"
+            "for _ in range(2): threading.Thread(target=go, daemon=True).start()\n"
+            "import time; time.sleep(1.5); os._exit(0)\n"
+        )
+        subprocess.run([sys.executable, "-c", script, bus.address], cwd=REPO, timeout=60)
+        deadline = time.monotonic() + 10
+        while True:
+            with Client(d.socket_path) as c:
+                st = c.call("system.status")
+            if st["running"] == 0 and st["waiting"] == 0:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        # The bus dies while a Chat is in flight: the daemon still reconnects.
+        client = BusClient(bus.address)
+        client.connect()
+        errors: list[BaseException] = []
+
+        def long_call() -> None:
+            try:
+                client.call(
+                    "llm.chat",
+                    {"messages": [{"role": "user", "content": "story"}], "max_tokens": 1500},
+                )
+            except BaseException as exc:  # the bus goes away under it
+                errors.append(exc)
+
+        t = threading.Thread(target=long_call, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        bus.stop()
+        t.join(30)
+        assert errors
+        bus.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with BusClient(bus.address) as c:
+                    assert c.call("system.status")["running"] == 0
+                break
+            except Exception:
+                assert time.monotonic() < deadline, d.log()
+                time.sleep(0.2)
+        assert "Set changed size" not in d.log() and "Traceback" not in d.log()
+    finally:
+        assert d.stop() == 0, d.log()
+        bus.stop()

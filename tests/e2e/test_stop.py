@@ -78,3 +78,30 @@ def test_generation_longer_than_the_drain_timeout_is_cancelled_with_an_error() -
         assert time.monotonic() - t0 < 10
     finally:
         d.stop()
+
+
+def test_zero_drain_cancels_at_once_and_stop_during_prefill_is_safe() -> None:
+    d = _start(drain=0.0)
+    try:
+        client = RawClient(d.socket_path)
+        # A long prompt: the stop lands while llama.cpp is still evaluating it.
+        client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "llm.chat",
+                "params": {
+                    "messages": [{"role": "user", "content": "lighthouse " * 1500}],
+                    "max_tokens": 50,
+                    "stream": True,
+                },
+            }
+        )
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()  # no crash from freeing a busy context
+        assert "cancelling 1 request(s) still running" in d.log()
+        assert time.monotonic() - t0 < 25
+    finally:
+        d.stop()

@@ -204,8 +204,10 @@ class DBusFrontend:
         # Every client was on that bus: nobody is left to receive their requests' signals.
         for req in list(self.requests.values()):
             req.cancel()
-        for futures in self._inflight.values():
-            for fut in futures:
+        # Future.cancel() runs done callbacks at once (they discard from these sets): copy.
+        inflight, self._inflight = self._inflight, {}
+        for futures in inflight.values():
+            for fut in list(futures):
                 fut.cancel()
         log.warning(
             "D-Bus: lost the connection to %s (%s); reconnecting",
@@ -244,7 +246,7 @@ class DBusFrontend:
         caller = self._callers.pop(name, None)
         if caller is not None:
             asyncio.run_coroutine_threadsafe(self.kernel.session_closed(caller), self.loop)
-        for fut in self._inflight.pop(name, set()):
+        for fut in list(self._inflight.pop(name, set())):
             fut.cancel()
         for req in list(self.requests.values()):
             if req.owner == name:

@@ -213,7 +213,16 @@ class _Connection:
             pass
         finally:
             # A client that went away cancels its generations, which frees their slots.
-            for task in self.tasks:
+            # Shielded: a second cancel (daemon stopping) must not skip the cleanup.
+            cleanup = asyncio.ensure_future(self._cleanup())
+            try:
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                await cleanup
+
+    async def _cleanup(self) -> None:
+        try:
+            for task in list(self.tasks):
                 task.cancel()
             pending = self.tasks | self.replies
             if pending:
@@ -221,6 +230,7 @@ class _Connection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+        finally:
             self.finished.set()
 
     async def _read_loop(self) -> bool:

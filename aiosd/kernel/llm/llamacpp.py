@@ -70,6 +70,7 @@ class LlamaCppBackend(Backend):
         self._slots: list[Any] = []
         self._vocab: Any = None
         self._formatter: Any = None
+        self._running: set[asyncio.Future[None]] = set()
         self._executor = ThreadPoolExecutor(
             max_workers=cfg.slots + 1, thread_name_prefix=f"llama-{name}"
         )
@@ -123,7 +124,18 @@ class LlamaCppBackend(Backend):
         )
 
     async def close(self) -> None:
-        """Free the contexts and the worker threads."""
+        """Free the contexts once no worker uses them (a prefill cannot be interrupted)."""
+        if self._running:
+            done, pending = await asyncio.wait(set(self._running), timeout=10)
+            if pending:
+                # Freeing a context under a running worker would crash the process: leave
+                # them to the process's exit instead.
+                log.warning(
+                    "model %s: %d generation(s) still running at close; not freeing their contexts",
+                    self.name,
+                    len(pending),
+                )
+                return
         for llama in self._slots:
             with contextlib.suppress(Exception):
                 llama.close()
@@ -208,6 +220,8 @@ class LlamaCppBackend(Backend):
                 put("end", None)
 
         future = loop.run_in_executor(self._executor, work)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
         try:
             while True:
                 kind, value = await queue.get()
@@ -245,6 +259,12 @@ class LlamaCppBackend(Backend):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         produced = 0
         finish = "length"
+        if stop.is_set():  # cancelled while waiting for this worker: skip the prefill too
+            yield (
+                "done",
+                ChatChunk(done=True, finish_reason="cancelled", prompt_tokens=len(prepared.tokens)),
+            )
+            return
         for token in llama.generate(
             prepared.tokens,
             temp=prepared.temperature,

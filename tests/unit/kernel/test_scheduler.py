@@ -147,3 +147,47 @@ def test_close_turns_away_waiting_and_new_requests() -> None:
         assert order == [0]
 
     asyncio.run(main())
+
+
+def test_waiter_cancelled_just_before_a_release_is_skipped() -> None:
+    async def main() -> list[int]:
+        sched = Scheduler(queue_size=8)
+        sched.add_model("m", slots=1)
+        order: list[int] = []
+        gate = asyncio.Event()
+        running = asyncio.create_task(_hold(sched, order, 0, Priority.normal, gate))
+        await asyncio.sleep(0)
+        doomed = asyncio.create_task(_hold(sched, order, 1, Priority.normal, gate))
+        nxt = asyncio.create_task(_hold(sched, order, 2, Priority.normal, gate))
+        await asyncio.sleep(0)
+        # Cancel the first waiter and release the slot before its task gets to run.
+        doomed.cancel()
+        gate.set()
+        await running
+        await asyncio.gather(doomed, return_exceptions=True)
+        await nxt
+        view = sched.view()["m"]
+        assert view["running"] == [] and view["waiting"] == []
+        return order
+
+    assert asyncio.run(main()) == [0, 2]
+
+
+def test_eviction_ignores_a_waiter_cancelled_a_moment_ago() -> None:
+    async def main() -> None:
+        sched = Scheduler(queue_size=1)
+        sched.add_model("m", slots=1)
+        gate = asyncio.Event()
+        order: list[int] = []
+        running = asyncio.create_task(_hold(sched, order, 0, Priority.normal, gate))
+        await asyncio.sleep(0)
+        doomed = asyncio.create_task(_hold(sched, order, 1, Priority.batch, gate))
+        await asyncio.sleep(0)
+        doomed.cancel()  # still listed as waiting until its task runs
+        with pytest.raises(Busy):  # the queue holds one (cancelled) waiter: no crash
+            await _hold(sched, order, 2, Priority.interactive, gate)
+        gate.set()
+        await running
+        await asyncio.gather(doomed, return_exceptions=True)
+
+    asyncio.run(main())
