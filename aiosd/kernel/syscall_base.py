@@ -17,6 +17,15 @@ MAX_TEXT = 4 * 1024 * 1024
 Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
 
 
+class BusBinary:
+    """Field marker: a value that is text, or base64 when the model's ``encoding`` says so.
+
+    JSON has no bytes, so the socket carries binary values as base64 text; D-Bus has them,
+    so there the field is a variant holding ``s`` (text) or ``ay`` (bytes), converted by
+    the D-Bus transport (api/dbus/binary.py).
+    """
+
+
 class Params(BaseModel):
     """Base of every parameter model: unknown fields are errors, not ignored."""
 

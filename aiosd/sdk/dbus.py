@@ -16,6 +16,7 @@ import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names
+from aiosd.api.dbus.binary import result_from_bus
 from aiosd.api.dbus.introspection import BusMethod, bus_methods
 from aiosd.api.dbus.variants import to_vardict, to_variant
 from aiosd.errors import AiosError, error_for_dbus_name
@@ -115,7 +116,8 @@ class BusClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Make one syscall and return its result."""
-        self.last_result = self._invoke(self._method(method, False), dict(params or {}))
+        result = self._invoke(self._method(method, False), dict(params or {}))
+        self.last_result = result_from_bus(result)
         return self.last_result
 
     def stream(self, method: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:

@@ -427,3 +427,63 @@ def test_documented_desktop_client_example_runs(
     )
     assert out.returncode == 0, out.stderr
     assert "'completion_tokens'" in out.stdout and len(out.stdout) > 40
+
+
+def test_binary_values_travel_as_bytes_on_dbus(private_bus: PrivateBus, bus_daemon: Daemon) -> None:
+    import base64
+
+    blob = bytes([0, 255, 1, 254, 10, 13, 0])
+    put = plain(
+        busctl(
+            private_bus,
+            "call",
+            *DEST,
+            "org.aiosd.Daemon1.Storage",
+            "Put",
+            "ssva{sv}",
+            "bin",
+            "blob",
+            "ay",
+            str(len(blob)),
+            *[str(b) for b in blob],
+            "0",
+        )
+    )[0]
+    assert put["size"] == len(blob)
+    got = busctl(
+        private_bus,
+        "call",
+        *DEST,
+        "org.aiosd.Daemon1.Storage",
+        "Get",
+        "ssa{sv}",
+        "bin",
+        "blob",
+        "0",
+    )["data"][0]
+    assert got["value"]["type"] == "ay" and bytes(got["value"]["data"]) == blob
+    assert got["encoding"]["data"] == "base64"
+    # The same entry over the socket: base64 text, the same bytes.
+    with Client(bus_daemon.socket_path) as c:
+        sock = c.call("storage.get", {"collection": "bin", "key": "blob"})
+    assert sock["encoding"] == "base64" and base64.b64decode(sock["value"]) == blob
+    # Text stays text on the bus.
+    plain(
+        busctl(
+            private_bus,
+            "call",
+            *DEST,
+            "org.aiosd.Daemon1.Storage",
+            "Put",
+            "ssva{sv}",
+            "bin",
+            "txt",
+            "s",
+            "hello",
+            "0",
+        )
+    )
+    got = busctl(
+        private_bus, "call", *DEST, "org.aiosd.Daemon1.Storage", "Get", "ssa{sv}", "bin", "txt", "0"
+    )["data"][0]
+    assert got["value"] == {"type": "s", "data": "hello"}

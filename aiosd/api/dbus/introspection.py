@@ -19,7 +19,7 @@ from xml.sax.saxutils import quoteattr
 from pydantic import BaseModel
 
 from aiosd.api.dbus import names
-from aiosd.kernel.syscall_base import Syscall
+from aiosd.kernel.syscall_base import BusBinary, Syscall
 from aiosd.kernel.syscalls import SYSCALLS
 
 #: Parameters the transport itself provides (not arguments on the bus).
@@ -63,6 +63,13 @@ def signature_of(annotation: Any) -> str:
     return "v"
 
 
+def _field_signature(field: Any) -> str:
+    # pydantic keeps a field's Annotated extras in ``metadata``, not in ``annotation``.
+    if any(isinstance(m, BusBinary) for m in field.metadata):
+        return "v"  # s (text) or ay (bytes)
+    return signature_of(field.annotation)
+
+
 @dataclass(frozen=True)
 class BusMethod:
     """One method on the bus and the syscall it makes."""
@@ -90,9 +97,7 @@ def bus_methods() -> dict[tuple[str, str], BusMethod]:
     out: dict[tuple[str, str], BusMethod] = {}
     for spec in SYSCALLS.values():
         fields = {k: f for k, f in spec.params.model_fields.items() if k not in TRANSPORT_FIELDS}
-        required = tuple(
-            (k, signature_of(f.annotation)) for k, f in fields.items() if f.is_required()
-        )
+        required = tuple((k, _field_signature(f)) for k, f in fields.items() if f.is_required())
         has_options = any(not f.is_required() for f in fields.values())
         iface = names.family_interface(spec.name)
         variants = [(names.method_name(spec.name), False)]

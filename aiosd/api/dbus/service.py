@@ -33,6 +33,7 @@ from gi.repository import Gio, GLib
 
 from aiosd import __version__
 from aiosd.api.dbus import names
+from aiosd.api.dbus.binary import params_from_bus, result_to_bus
 from aiosd.api.dbus.introspection import (
     PROPERTIES,
     TRANSPORT_FIELDS,
@@ -288,6 +289,10 @@ class DBusFrontend:
             raise ShuttingDown("the daemon is stopping and takes no new requests")
         values = params.unpack()
         call: dict[str, Any] = {name: v for (name, _), v in zip(bm.args, values, strict=False)}
+        for i, (name, sig) in enumerate(bm.args):
+            inner = params.get_child_value(i).get_variant() if sig == "v" else None
+            if inner is not None and inner.get_type_string() == "ay":
+                call[name] = bytes(inner.get_data_as_bytes().get_data())  # unpack() gives ints
         if bm.has_options:
             options = values[len(bm.args)]
             for key in options:
@@ -300,13 +305,14 @@ class DBusFrontend:
             call.update(options)
         if bm.syscall.streams:
             call["stream"] = bm.starts_request
+        params_from_bus(bm.syscall.params, call)
 
         def dispatch(caller: Caller) -> None:
             if bm.starts_request:
                 self._start_request(sender, bm, call, caller, invocation)
             else:
                 fut = self._submit(sender, self.kernel.dispatch(bm.syscall.name, call, caller))
-                fut.add_done_callback(lambda f: _reply(invocation, f))
+                fut.add_done_callback(lambda f: _reply(invocation, f, bm))
 
         self._with_caller(sender, invocation, dispatch)
 
@@ -462,9 +468,11 @@ def _caller_from(creds: dict[str, Any], sender: str) -> Caller:
     )
 
 
-def _reply(invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any]) -> None:
+def _reply(
+    invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any], bm: BusMethod
+) -> None:
     try:
-        result = fut.result()
+        result = result_to_bus(bm.syscall.result, fut.result())
         invocation.return_value(GLib.Variant("(a{sv})", (to_vardict(result),)))
     except concurrent.futures.CancelledError:
         err = ShuttingDown("the request was cancelled before it finished")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from aiosd.errors import InvalidParams, NotFound, PermissionDenied
-from aiosd.kernel.syscall_base import Emit, Params, Result, Syscall
+from aiosd.kernel.syscall_base import BusBinary, Emit, Params, Result, Syscall
 from aiosd.managers.access import Caller, Permission
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class PutParams(Params):
 
     collection: Collection
     key: Key
-    value: Annotated[str, Field(max_length=MAX_VALUE_CHARS)]
+    value: Annotated[str, Field(max_length=MAX_VALUE_CHARS), BusBinary()]
     encoding: Literal["text", "base64"] = "text"
     metadata: dict[str, Any] | None = None
 
@@ -83,7 +83,7 @@ class GetResult(Result):
     collection: str
     key: str
     version: int
-    value: str
+    value: Annotated[str, BusBinary()]
     encoding: Literal["text", "base64"]
     metadata: dict[str, Any]
     size: int

@@ -1,0 +1,51 @@
+"""Binary values on D-Bus: ``ay`` on the bus, base64 text (with ``encoding``) in the kernel."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import BaseModel
+
+from aiosd.kernel.syscall_base import BusBinary
+
+
+def binary_fields(model: type[BaseModel]) -> list[str]:
+    """Names of a model's fields marked BusBinary."""
+    out = []
+    for name, field in model.model_fields.items():
+        if any(isinstance(m, BusBinary) for m in field.metadata):
+            out.append(name)
+    return out
+
+
+def params_from_bus(model: type[BaseModel], call: dict[str, Any]) -> dict[str, Any]:
+    """Bytes that arrived as ``ay`` become base64 text with ``encoding = "base64"``."""
+    for name in binary_fields(model):
+        value = call.get(name)
+        if isinstance(value, (bytes, bytearray)):
+            call[name] = base64.b64encode(bytes(value)).decode("ascii")
+            call.setdefault("encoding", "base64")
+    return call
+
+
+def result_to_bus(model: type[BaseModel], result: dict[str, Any]) -> dict[str, Any]:
+    """Base64 values of a result go on the bus as bytes (``ay``)."""
+    if result.get("encoding") != "base64":
+        return result
+    for name in binary_fields(model):
+        if isinstance(result.get(name), str):
+            result = {**result, name: base64.b64decode(result[name])}
+    return result
+
+
+def result_from_bus(result: Any) -> Any:
+    """A client's view: bytes from the bus back to base64 text, as on the socket."""
+    if isinstance(result, dict):
+        return {
+            k: base64.b64encode(bytes(v)).decode("ascii")
+            if isinstance(v, (bytes, bytearray))
+            else v
+            for k, v in result.items()
+        }
+    return result
