@@ -61,7 +61,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     rm = ss.add_parser("rm", parents=[common], help="delete a key (history is kept)")
     rm.add_argument("collection")
     rm.add_argument("key")
-    rm.set_defaults(func=_simple("storage.delete", "collection", "key"))
+    rm.add_argument(
+        "--purge",
+        action="store_const",
+        const=True,
+        help="also erase its history (frees the bytes; cannot be undone)",
+    )
+    rm.set_defaults(func=_simple("storage.delete", "collection", "key", "purge"))
 
     se = ss.add_parser("search", parents=[common], help="full-text search")
     se.add_argument("query", nargs="+")
@@ -265,7 +271,11 @@ def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
         if "=" not in item:
             raise UsageError(f"--meta: {item!r} is not KEY=VALUE")
         k, v = item.split("=", 1)
-        meta[k] = v
+        try:  # numbers and true/false as JSON; anything else is a string
+            parsed = json.loads(v)
+            meta[k] = parsed if isinstance(parsed, (int, float, bool)) else v
+        except ValueError:
+            meta[k] = v
     if meta:
         params["metadata"] = meta
     result = client.call("storage.search", params)

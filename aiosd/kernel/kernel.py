@@ -108,6 +108,12 @@ class Kernel:
             ]
             if config.dbus != self.config.dbus:
                 needs_restart.append("dbus")
+            # Storage limits are read when a user's store opens; max_value_bytes applies live.
+            unchanged = {"max_value_bytes": 0}
+            if config.storage.model_copy(update=unchanged) != self.config.storage.model_copy(
+                update=unchanged
+            ):
+                needs_restart.append("storage")
             if (config.daemon.state_directory, config.daemon.runtime_directory) != (
                 self.config.daemon.state_directory,
                 self.config.daemon.runtime_directory,
@@ -256,7 +262,11 @@ class Kernel:
         if final is None:
             raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
         if p.session is not None:
-            await self.context.record(caller.uid, p.session, messages, "".join(parts))
+            try:
+                await self.context.record(caller.uid, p.session, messages, "".join(parts))
+            except AiosError as exc:
+                # The answer exists and may have been streamed: report, do not fail the call.
+                notes.append(f"this exchange was not kept in session {p.session!r}: {exc.message}")
         end = time.monotonic()
         return ChatResult(
             request_id=ticket.id,

@@ -388,6 +388,12 @@ class UserStore:
             if row is None:
                 raise NotFound(f"{collection}/{key} has no version at or before {at}")
             version = int(row[0])
+            deleted = self._db.execute(
+                "SELECT deleted FROM versions WHERE collection = ? AND key = ? AND version = ?",
+                (collection, key, version),
+            ).fetchone()
+            if deleted and deleted[0]:
+                raise NotFound(f"{collection}/{key} was deleted at that time (version {version})")
         old = self.get(collection, key, version)
         out = self.put(collection, key, old["value"], old["is_text"], old["metadata"])
         return {**out, "from_version": version}
@@ -420,7 +426,7 @@ class UserStore:
         except sqlite3.OperationalError as exc:
             raise InvalidParams(f"invalid params: query: {exc}") from None
         return [
-            {"collection": c, "key": k, "version": ver, "score": round(-score, 4), "snippet": snip}
+            {"collection": c, "key": k, "version": ver, "score": round(-score, 6), "snippet": snip}
             for c, k, ver, score, snip in rows
         ]
 
@@ -500,8 +506,18 @@ class StorageManager:
         store = self._stores.get(uid)
         if store is None:
             store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
-            self._stores[uid] = store
-            await asyncio.get_running_loop().run_in_executor(store.executor, store.open)
+            try:
+                await asyncio.get_running_loop().run_in_executor(store.executor, store.open)
+            except BaseException:
+                store.executor.shutdown(wait=False)
+                raise
+            # Another call may have opened it meanwhile: keep the first, drop ours.
+            if uid in self._stores:
+                store.executor.submit(store.close)
+                store.executor.shutdown(wait=False)
+                store = self._stores[uid]
+            else:
+                self._stores[uid] = store
         return await asyncio.get_running_loop().run_in_executor(store.executor, fn, store)
 
     def exists(self, uid: int) -> bool:

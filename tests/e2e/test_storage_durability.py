@@ -118,3 +118,36 @@ def test_a_damaged_database_is_moved_aside_never_silently_reset() -> None:
         assert aside and aside[0].read_bytes()[:16] == b"SQLite format 3\x00"
     finally:
         assert again.stop() == 0
+
+
+def test_pinned_memory_survives_a_restart_and_purge_frees_bytes() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-pinned-"))
+    config = write_config(directory, slots=1)
+    d = Daemon(directory, config)
+    d.wait_ready()
+    client = Client(d.socket_path)
+    kept = client.call(
+        "memory.add", {"content": "the user likes leeks", "pinned": True, "space": "prefs"}
+    )
+    client.call("memory.add", {"content": "a passing thought", "space": "prefs"})
+    session = client.call("memory.add", {"content": "pinned in my session", "pinned": True})
+    client.call("storage.put", {"collection": "c", "key": "k", "value": "x" * 5000})
+    client.call("storage.put", {"collection": "c", "key": "k", "value": "y" * 5000})
+    used = client.call("storage.usage", {})["used_bytes"]
+    purged = client.call("storage.delete", {"collection": "c", "key": "k", "purge": True})
+    assert purged["deleted"] and client.call("storage.usage", {})["used_bytes"] == used - 10000
+    d.proc.send_signal(signal.SIGTERM)  # with the connection still open
+    assert d.proc.wait(30) == 0
+    d.stop()
+    again = Daemon(directory, config)
+    try:
+        again.wait_ready()
+        with Client(again.socket_path) as c:
+            got = c.call("memory.get", {"id": kept["id"], "space": "prefs"})
+            assert got["content"] == "the user likes leeks" and got["pinned"]
+            hits = c.call("memory.search", {"query": "thought", "space": "prefs"})["hits"]
+            assert hits == []  # unpinned short-term memory ended with the daemon
+            mine = c.call("memory.get", {"id": session["id"], "space": session["space"]})
+            assert mine["content"] == "pinned in my session"
+    finally:
+        assert again.stop() == 0

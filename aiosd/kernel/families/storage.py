@@ -117,10 +117,12 @@ class ListResult(Result):
 
 
 class KeyParams(Params):
-    """A collection and a key (``storage.delete``)."""
+    """Parameters of ``storage.delete``."""
 
     collection: Collection
     key: Key
+    #: Also erase every kept version (frees their bytes; cannot be undone).
+    purge: bool = False
 
 
 class DeleteResult(Result):
@@ -302,6 +304,9 @@ async def _list(k: Kernel, p: ListParams, c: Caller, emit: Emit | None) -> Resul
 
 
 async def _delete(k: Kernel, p: KeyParams, c: Caller, emit: Emit | None) -> Result:
+    if p.purge:
+        await k.storage.run(c.uid, lambda s: s.purge(p.collection, p.key))
+        return DeleteResult(collection=p.collection, key=p.key, version=0, deleted=True)
     return DeleteResult(**await k.storage.run(c.uid, lambda s: s.delete(p.collection, p.key)))
 
 
@@ -423,7 +428,7 @@ SYSCALLS = (
         DeleteResult,
         Permission.user,
         _delete,
-        "Delete a key; its history stays and a rollback restores it.",
+        "Delete a key; its history stays (a rollback restores it) unless purge is set.",
     ),
     Syscall(
         "storage.search",
