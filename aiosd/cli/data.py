@@ -157,12 +157,16 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named arguments that were given (not None), as syscall params."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def _simple(method: str, *names: str) -> Any:
     """A command that passes the given arguments (those set) and prints the JSON result."""
 
     def run(client: SyscallClient, args: argparse.Namespace) -> int:
-        params = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-        _print(client.call(method, params))
+        _print(client.call(method, _pick(args, *names)))
         return 0
 
     return run
@@ -211,12 +215,7 @@ def storage_put(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_get(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage get."""
-    params: dict[str, Any] = {"collection": args.collection, "key": args.key}
-    if args.version is not None:
-        params["version"] = args.version
-    if args.owner is not None:
-        params["owner"] = args.owner
-    result = client.call("storage.get", params)
+    result = client.call("storage.get", _pick(args, "collection", "key", "version", "owner"))
     if args.json:
         _print(result)
         return 0
@@ -235,15 +234,7 @@ def storage_get(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_ls(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage ls."""
-    params: dict[str, Any] = {
-        "collection": args.collection,
-        "prefix": args.prefix,
-        "limit": args.limit,
-    }
-    if args.after:
-        params["after"] = args.after
-    if args.owner is not None:
-        params["owner"] = args.owner
+    params = _pick(args, "collection", "prefix", "limit", "after", "owner")
     result = client.call("storage.list", params)
     if args.json:
         _print(result)
@@ -257,15 +248,10 @@ def storage_ls(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage search."""
-    params: dict[str, Any] = {
+    params = {
         "query": " ".join(args.query),
-        "limit": args.limit,
-        "offset": args.offset,
+        **_pick(args, "limit", "offset", "collection", "owner"),
     }
-    if args.collection:
-        params["collection"] = args.collection
-    if args.owner is not None:
-        params["owner"] = args.owner
     meta = {}
     for item in args.meta:
         if "=" not in item:
@@ -283,16 +269,14 @@ def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
         _print(result)
         return 0
     for h in result["hits"]:
-        print(f"{h['score']:8.3f}  {h['collection']}/{h['key']}  {h['snippet']}")
+        snippet = " ".join(h["snippet"].split())
+        print(f"{h['score']:8.4f}  {h['collection']}/{h['key']}  {snippet}")
     return 0
 
 
 def storage_history(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage history."""
-    params: dict[str, Any] = {"collection": args.collection, "key": args.key}
-    if args.owner is not None:
-        params["owner"] = args.owner
-    result = client.call("storage.history", params)
+    result = client.call("storage.history", _pick(args, "collection", "key", "owner"))
     if args.json:
         _print(result)
         return 0
