@@ -385,3 +385,26 @@ def test_delete_keeps_history_and_rollback_restores(
     err(replies[2], NOT_FOUND)
     assert [v["deleted"] for v in ok(replies[3])["versions"]] == [False, True]
     assert ok(replies[5])["value"] == "one" and ok(replies[5])["version"] == 3
+
+
+def test_memory_of_one_user_is_invisible_to_another(unix_users: dict[str, UnixUser],
+                                                    store_daemon: Daemon) -> None:
+    a, b = unix_users["in"], unix_users["in2"]
+    added = ok(as_user(a, store_daemon, ("memory.add", {
+        "content": "the vault code is 4711", "space": "notes", "pinned": True}))[0])
+    target = {"id": added["id"], "space": "notes"}
+    replies = as_user(b, store_daemon,
+        ("memory.get", target),
+        ("memory.update", {**target, "content": "overwritten"}),
+        ("memory.delete", target),
+        ("memory.search", {"query": "vault", "space": "notes"}),
+        ("memory.clear", {"space": "notes", "keep_pinned": False}),
+        ("storage.search", {"query": "vault"}),
+    )
+    for r in replies[:3]:
+        err(r, NOT_FOUND)
+    assert ok(replies[3])["hits"] == []
+    assert ok(replies[4])["removed"] == 0  # b's own (empty) space of that name
+    assert ok(replies[5])["hits"] == []
+    got = ok(as_user(a, store_daemon, ("memory.get", target))[0])
+    assert got["content"] == "the vault code is 4711"
