@@ -71,33 +71,42 @@ class LlamaCppBackend(Backend):
         self._vocab: Any = None
         self._formatter: Any = None
         self._running: set[asyncio.Future[None]] = set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=cfg.slots + 1, thread_name_prefix=f"llama-{name}"
-        )
+        # One long-lived thread per slot does all of that slot's llama.cpp work. llama.cpp's
+        # CPU backend keeps an OpenMP thread pool per calling thread: a generation that ran
+        # on whichever pool thread was free left extra pools behind, and with more OpenMP
+        # threads than CPUs every slot fell to a third of its speed. Tokenizing (no compute
+        # graph, so no OpenMP) has a thread of its own.
+        self._slot_threads = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}-slot{i}")
+            for i in range(cfg.slots)
+        ]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}-tok")
 
     async def start(self) -> None:
-        """Load the model once per slot (the weights are mmapped and shared)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
-
-    def _load(self) -> None:
+        """Load the model once per slot, each on its slot's thread (weights are shared)."""
         from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        loop = asyncio.get_running_loop()
         path = self.path or default_model_path()
         if not path.is_file():
             raise BackendUnavailable(f"model file {path} does not exist")
         t0 = time.monotonic()
-        self._slots = [
-            Llama(
+
+        def load() -> Any:
+            return Llama(
                 model_path=str(path),
                 n_ctx=self.cfg.n_ctx,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
                 verbose=False,
             )
-            for _ in range(self.cfg.slots)
-        ]
+
+        self._slots = [await loop.run_in_executor(ex, load) for ex in self._slot_threads]
+        await loop.run_in_executor(self._executor, self._setup, path, t0)
+
+    def _setup(self, path: Path, t0: float) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         # Tokenizing reads only the model's vocabulary, never a context, so slot 0's model
         # serves every request's tokenizing while any slot generates.
         self._vocab = self._slots[0]
@@ -141,6 +150,8 @@ class LlamaCppBackend(Backend):
                 llama.close()
         self._slots = []
         self._executor.shutdown(wait=False, cancel_futures=True)
+        for ex in self._slot_threads:
+            ex.shutdown(wait=False, cancel_futures=True)
 
     def info(self) -> ModelInfo:
         """Describe the model."""
@@ -219,7 +230,7 @@ class LlamaCppBackend(Backend):
             finally:
                 put("end", None)
 
-        future = loop.run_in_executor(self._executor, work)
+        future = loop.run_in_executor(self._slot_threads[slot], work)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         try:

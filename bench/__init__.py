@@ -1,0 +1,1 @@
+"""aiosd benchmarks: scripts, not tests.  Run ``.venv/bin/python bench/run.py --help``."""
