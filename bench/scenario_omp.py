@@ -114,7 +114,7 @@ def run(opts: Options) -> Report:
     report.tables.append(_daemon(opts, opts.reps(6, 3)))
     report.notes += [
         f"load avg at end: {loadavg()}",
-        "a daemon generation runs on whichever ThreadPoolExecutor worker picks it up; a "
-        "generating worker and its OpenMP helper show up as a pair of busy threads",
+        "a generating thread and its OpenMP helper show up as a pair of busy threads; with "
+        "one thread per slot, the same pair should compute every request",
     ]
     return report
