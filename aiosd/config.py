@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -261,8 +261,15 @@ def load_config(main: Path = DEFAULT_CONFIG_PATH, *, required: bool = False) -> 
     return LoadedConfig(config=config, files=[str(p) for p in files], warnings=warnings)
 
 
+#: Each model config class by its ``backend`` tag, read off the ModelConfig union itself.
+_MODEL_CLASSES: dict[str, type[BaseModel]] = {
+    get_args(cls.model_fields["backend"].annotation)[0]: cls
+    for cls in get_args(get_args(ModelConfig)[0])
+}
+
+
 def _is_union_tag(part: object) -> bool:
-    return part in ("llamacpp", "ollama")
+    return part in _MODEL_CLASSES
 
 
 def _merge(
@@ -334,4 +341,4 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
 
 def _model_class(entry: Any) -> type[BaseModel]:
     backend = entry.get("backend") if isinstance(entry, dict) else None
-    return OllamaModelConfig if backend == "ollama" else LlamaCppModelConfig
+    return _MODEL_CLASSES.get(str(backend), LlamaCppModelConfig)

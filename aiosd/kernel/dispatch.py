@@ -35,7 +35,8 @@ async def dispatch(
     kernel: Kernel, name: str, params: Any, caller: Caller, emit: Emit | None = None
 ) -> dict[str, Any]:
     """Run syscall ``name`` for ``caller``; return its JSON-ready result or raise AiosError."""
-    if kernel.access.role(caller) is Role.none:
+    role = kernel.access.role(caller)
+    if role is Role.none:
         # Callers with no role learn nothing, not even which syscalls or params exist.
         refusal = kernel.access.refusal(caller)
         kernel.access.audit(caller, name[:64], "denied", refusal.message)
@@ -55,7 +56,7 @@ async def dispatch(
         kernel.access.audit(caller, name, "invalid", err.message)
         raise err from None
     try:
-        kernel.access.authorize(caller, name, spec.permission)
+        kernel.access.authorize(caller, name, spec.permission, role)
     except AiosError as exc:
         kernel.access.audit(caller, name, "denied", exc.message)
         raise

@@ -85,9 +85,14 @@ class AccessManager:
             return Role.user
         return Role.none
 
-    def authorize(self, caller: Caller, syscall: str, permission: Permission | None) -> Role:
-        """Return the caller's role if it may make ``syscall``; raise PermissionDenied if not."""
-        role = self.role(caller)
+    def authorize(
+        self, caller: Caller, syscall: str, permission: Permission | None, role: Role | None = None
+    ) -> Role:
+        """Return the caller's role if it may make ``syscall``; raise PermissionDenied if not.
+
+        ``role`` is the caller's role when already looked up for this call.
+        """
+        role = self.role(caller) if role is None else role
         if permission is None:
             raise PermissionDenied(f"{syscall} declares no permission and is refused")
         if role is Role.none:

@@ -401,18 +401,9 @@ class MemoryManager:
         async with self._lock:
             for sp in list(self._spaces.values()):
                 for e in [e for e in sp.entries.values() if e.pinned]:
-                    try:
-                        await self._store(sp, e)
-                    except AiosError as exc:
-                        log.warning(
-                            "memory: pinned entry %d of uid %d space %r not kept: %s",
-                            e.id,
-                            sp.uid,
-                            sp.name,
-                            exc.message,
-                        )
-                        continue
-                    self._remove(sp, e)
+                    await self._move_to_storage(
+                        sp, e, "pinned entry %d of uid %d space %r not kept"
+                    )
 
     async def drop_session(self, uid: int, space: str) -> None:
         """A session ended: unpinned entries go (RAM and storage); pinned ones move to storage."""
@@ -424,20 +415,12 @@ class MemoryManager:
             if sp is None:
                 return
             for e in list(sp.entries.values()):
-                if e.pinned:
-                    try:
-                        await self._store(sp, e)
-                    except AiosError as exc:
-                        # Never lose a pinned entry: it stays in RAM (the space survives).
-                        log.warning(
-                            "memory: kept pinned entry %d of uid %d space %r in RAM: %s",
-                            e.id,
-                            uid,
-                            space,
-                            exc.message,
-                        )
-                        continue
-                self._remove(sp, e)
+                if not e.pinned:
+                    self._remove(sp, e)
+                else:  # never lose a pinned entry: if storage refuses it, it stays in RAM
+                    await self._move_to_storage(
+                        sp, e, "kept pinned entry %d of uid %d space %r in RAM"
+                    )
             if not sp.entries:
                 del self._spaces[(uid, space)]
 
@@ -485,6 +468,16 @@ class MemoryManager:
         sp.next_id = max(sp.next_id, id_ + 1)
         self._insert(sp, e)
         return sp, e
+
+    async def _move_to_storage(self, sp: _Space, e: _Entry, failure: str) -> bool:
+        """Store ``e`` and drop it from RAM; if storage refuses, log ``failure`` and keep it."""
+        try:
+            await self._store(sp, e)
+        except AiosError as exc:
+            log.warning("memory: " + failure + ": %s", e.id, sp.uid, sp.name, exc.message)
+            return False
+        self._remove(sp, e)
+        return True
 
     async def _store(self, sp: _Space, e: _Entry) -> None:
         coll, key, value, meta = collection_of(sp.name), str(e.id), e.content.encode(), e.metadata()
@@ -569,19 +562,11 @@ class MemoryManager:
         while True:
             victims = self._plan(sp, keep, skip)
             for vsp, victim in victims:
-                try:
-                    await self._store(vsp, victim)
-                except AiosError as exc:
-                    log.warning(
-                        "memory: could not evict entry %d of uid %d space %r: %s",
-                        victim.id,
-                        vsp.uid,
-                        vsp.name,
-                        exc.message,
-                    )
+                if not await self._move_to_storage(
+                    vsp, victim, "could not evict entry %d of uid %d space %r"
+                ):
                     skip.add(id(victim))
                     break
-                self._remove(vsp, victim)
                 evicted.append((vsp, victim))
             else:
                 return evicted

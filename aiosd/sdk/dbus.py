@@ -8,7 +8,6 @@ the GLib main loop of the calling thread until the request object reports how it
 from __future__ import annotations
 
 import collections
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,6 @@ from aiosd.api.dbus.variants import to_vardict, to_variant
 from aiosd.errors import AiosError, error_for_dbus_name
 from aiosd.sdk.client import DaemonUnreachable
 
-SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
 _HINT = "set DBUS_SYSTEM_BUS_ADDRESS to the bus it uses"
 _UNREACHABLE = {
     "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -32,9 +30,7 @@ _UNREACHABLE = {
 }
 
 
-def system_bus_address() -> str:
-    """$DBUS_SYSTEM_BUS_ADDRESS, else the standard system bus socket."""
-    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+system_bus_address = names.system_bus_address
 
 
 def _error(exc: GLib.Error) -> Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Any
 
 from pydantic import BaseModel
@@ -10,13 +11,14 @@ from pydantic import BaseModel
 from aiosd.kernel.syscall_base import BusBinary
 
 
-def binary_fields(model: type[BaseModel]) -> list[str]:
-    """Names of a model's fields marked BusBinary."""
-    out = []
-    for name, field in model.model_fields.items():
-        if any(isinstance(m, BusBinary) for m in field.metadata):
-            out.append(name)
-    return out
+@functools.cache
+def binary_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """Names of a model's fields marked BusBinary (models are fixed: computed once each)."""
+    return tuple(
+        name
+        for name, field in model.model_fields.items()
+        if any(isinstance(m, BusBinary) for m in field.metadata)
+    )
 
 
 def params_from_bus(model: type[BaseModel], call: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+
+
+def system_bus_address() -> str:
+    """$DBUS_SYSTEM_BUS_ADDRESS, else the standard system bus socket."""
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+
+
 BUS_NAME = "org.aiosd.Daemon1"
 OBJECT_PATH = "/org/aiosd/Daemon1"
 REQUEST_PATH_PREFIX = OBJECT_PATH + "/request"

@@ -50,7 +50,6 @@ from aiosd.managers.access import Caller
 
 log = logging.getLogger(__name__)
 
-SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
 CREDENTIALS_CACHE = 4096
 RECONNECT_FIRST, RECONNECT_MAX = 0.5, 10.0
 
@@ -58,7 +57,7 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.5, 10.0
 def bus_address(bus: str) -> str:
     """The address of ``system``, ``session`` or an explicit address."""
     if bus == "system":
-        return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+        return names.system_bus_address()
     if bus == "session":
         address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
         if not address:
