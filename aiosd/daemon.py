@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiosd import __version__, sd
 from aiosd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, LoadedConfig, load_config
 from aiosd.errors import AiosError
+from aiosd.managers import audit
 
 if TYPE_CHECKING:
     from aiosd.api.dbus.service import DBusFrontend
@@ -87,11 +88,13 @@ def setup_logging(config: Config, override: str | None) -> None:
 
         handler = JournalHandler(SYSLOG_IDENTIFIER="aiosd")
         handler.setFormatter(logging.Formatter("%(message)s"))
+        audit.to_journal()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
             logging.Formatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )
+        audit.to_stream()
     root.addHandler(handler)
     root.setLevel(level)
 

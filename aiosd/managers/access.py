@@ -14,9 +14,9 @@ from enum import StrEnum
 
 from aiosd.config import AccessConfig
 from aiosd.errors import PermissionDenied
+from aiosd.managers import audit
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("aiosd.audit")
 
 
 class Role(StrEnum):
@@ -111,20 +111,5 @@ class AccessManager:
         )
 
     def audit(self, caller: Caller, syscall: str, verdict: str, detail: str = "") -> None:
-        """Record one decision with the caller's identity (journal fields when journald runs)."""
-        audit_log.info(
-            "%s uid=%d pid=%d aid=%s verdict=%s%s",
-            syscall,
-            caller.uid,
-            caller.pid,
-            caller.aid or "-",
-            verdict,
-            f" ({detail})" if detail else "",
-            extra={
-                "AIOS_SYSCALL": syscall,
-                "AIOS_UID": caller.uid,
-                "AIOS_PID": caller.pid,
-                "AIOS_AID": caller.aid or "",
-                "AIOS_VERDICT": verdict,
-            },
-        )
+        """Record one decision with the caller's identity (see managers/audit.py)."""
+        audit.record(caller.uid, caller.pid, caller.aid, syscall, verdict, detail)

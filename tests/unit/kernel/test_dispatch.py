@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -11,6 +16,7 @@ from aiosd.config import Config
 from aiosd.errors import InvalidParams, MethodNotFound, PermissionDenied
 from aiosd.kernel import syscalls
 from aiosd.kernel.kernel import Kernel
+from aiosd.managers import audit
 from aiosd.managers.access import Caller, Permission
 
 ROOT = Caller(uid=0, gid=0, pid=1)
@@ -72,23 +78,55 @@ def test_open_to_all_admits_everyone_as_user() -> None:
     assert asyncio.run(k.dispatch("system.status", {}, NOBODY))["caller_role"] == "user"
 
 
-def test_every_decision_is_audited(caplog: pytest.LogCaptureFixture) -> None:
+@contextlib.contextmanager
+def _audit_to(path: Path, level: int) -> Iterator[IO[str]]:
+    """Send audit records to the file ``path`` with the audit logger at ``level``."""
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    with path.open("w+") as sink:
+        audit.to_stream(sink)
+        logger.setLevel(level)
+        try:
+            yield sink
+        finally:
+            logger.setLevel(before)
+            audit.to_stream(None)
+
+
+def test_every_decision_is_audited(tmp_path: Path) -> None:
     k = _kernel()
-    caplog.set_level(logging.INFO, logger="aiosd.audit")
-    asyncio.run(k.dispatch("system.status", {}, ROOT))
-    with pytest.raises(PermissionDenied):
-        asyncio.run(k.dispatch("system.status", {}, NOBODY))
-    with pytest.raises(InvalidParams):
-        asyncio.run(k.dispatch("system.status", {"x": 1}, ROOT))
-    with pytest.raises(MethodNotFound):
-        asyncio.run(k.dispatch("no.such", {}, ROOT))
-    verdicts = [(r.AIOS_SYSCALL, r.AIOS_UID, r.AIOS_VERDICT) for r in caplog.records]  # type: ignore[attr-defined]
+    with _audit_to(tmp_path / "audit.log", logging.INFO) as sink:
+        asyncio.run(k.dispatch("system.status", {}, ROOT))
+        with pytest.raises(PermissionDenied):
+            asyncio.run(k.dispatch("system.status", {}, NOBODY))
+        with pytest.raises(InvalidParams):
+            asyncio.run(k.dispatch("system.status", {"x": 1}, ROOT))
+        with pytest.raises(MethodNotFound):
+            asyncio.run(k.dispatch("no.such", {}, ROOT))
+        sink.seek(0)
+        lines = sink.read().splitlines()
+    pattern = (
+        r"aiosd\[\d+\]: INFO aiosd\.audit: (\S+) uid=(\d+) pid=\d+ aid=- verdict=(\w+)( \(.+\))?"
+    )
+    records = [re.fullmatch(pattern, line) for line in lines]
+    assert all(records), lines
+    verdicts = [(m.group(1), int(m.group(2)), m.group(3)) for m in records if m]
     assert verdicts == [
         ("system.status", 0, "ok"),
         ("system.status", 65534, "denied"),
         ("system.status", 0, "invalid"),
         ("no.such", 0, "unknown"),
     ]
+
+
+def test_audit_follows_the_log_level(tmp_path: Path) -> None:
+    k = _kernel()
+    with _audit_to(tmp_path / "audit.log", logging.WARNING) as sink:
+        asyncio.run(k.dispatch("system.status", {}, ROOT))
+        assert sink.tell() == 0
+    with _audit_to(tmp_path / "audit.log", logging.INFO) as sink:
+        asyncio.run(k.dispatch("system.status", {}, ROOT))
+        assert sink.tell() > 0
 
 
 def test_unexpected_failure_is_an_internal_error_without_details(
