@@ -51,19 +51,26 @@ def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, deta
         f" ({detail})" if detail else ""
     )
     if _journal_send is not None:
-        _journal_send(
-            message,
-            PRIORITY=6,
-            SYSLOG_IDENTIFIER="aiosd",
-            MESSAGE_ID=MESSAGE_ID,
-            LOGGER=LOGGER,
-            AIOS_SYSCALL=syscall,
-            AIOS_UID=uid,
-            AIOS_PID=pid,
-            AIOS_AID=aid or "",
-            AIOS_VERDICT=verdict,
-        )
-        return
+        try:
+            _journal_send(
+                message,
+                MESSAGE_ID=MESSAGE_ID,
+                # Given, so that the binding does not walk the stack to find them.
+                CODE_FILE=__file__,
+                CODE_LINE=0,
+                CODE_FUNC="record",
+                PRIORITY=6,
+                SYSLOG_IDENTIFIER="aiosd",
+                LOGGER=LOGGER,
+                AIOS_SYSCALL=syscall,
+                AIOS_UID=uid,
+                AIOS_PID=pid,
+                AIOS_AID=aid or "",
+                AIOS_VERDICT=verdict,
+            )
+            return
+        except OSError:
+            pass  # journald refused it (say, its queue is full): stderr still gets it
     stream = _stream if _stream is not None else sys.stderr
     line = f"aiosd[{os.getpid()}]: INFO {LOGGER}: {message}\n"
     try:

@@ -1,0 +1,73 @@
+"""Audit records under journald: structured fields through the real sd_journal_send."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiosd.managers import audit
+
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+
+@pytest.fixture
+def audit_to_journal() -> Iterator[None]:
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    audit.to_journal()
+    try:
+        yield
+    finally:
+        audit.to_stream(None)
+        logger.setLevel(before)
+
+
+def _fields(datagram: bytes) -> dict[str, str]:
+    """Parse journald's native protocol (only plain ``KEY=value`` lines are expected here)."""
+    return dict(line.split("=", 1) for line in datagram.decode().splitlines())
+
+
+def test_a_record_reaches_the_journal_with_its_fields(audit_to_journal: None) -> None:
+    syscall = f"test.audit-{uuid.uuid4().hex[:8]}"
+    if JOURNAL_SOCKET.exists():
+        # journald runs here: look the record up through it.
+        audit.record(4242, 17, "agent-1", syscall, "denied", "why")
+        out = subprocess.run(
+            ["journalctl", "--no-pager", "-o", "json", f"AIOS_SYSCALL={syscall}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        fields = json.loads(out.splitlines()[-1])
+    else:
+        # No journald: stand where it listens and read the datagram libsystemd sends.
+        JOURNAL_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(str(JOURNAL_SOCKET))
+            try:
+                audit.record(4242, 17, "agent-1", syscall, "denied", "why")
+                sock.settimeout(5)
+                fields = _fields(sock.recv(65536))
+            finally:
+                JOURNAL_SOCKET.unlink()
+                with_parent = JOURNAL_SOCKET.parent
+                if not any(with_parent.iterdir()):
+                    with_parent.rmdir()
+    assert fields["MESSAGE"] == f"{syscall} uid=4242 pid=17 aid=agent-1 verdict=denied (why)"
+    assert fields["MESSAGE_ID"] == audit.MESSAGE_ID
+    assert fields["PRIORITY"] == "6"
+    assert fields["SYSLOG_IDENTIFIER"] == "aiosd"
+    assert fields["AIOS_SYSCALL"] == syscall
+    assert fields["AIOS_UID"] == "4242"
+    assert fields["AIOS_PID"] == "17"
+    assert fields["AIOS_AID"] == "agent-1"
+    assert fields["AIOS_VERDICT"] == "denied"
