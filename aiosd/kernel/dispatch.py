@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from aiosd.errors import AiosError, InternalError, InvalidParams, MethodNotFound
-from aiosd.kernel.syscall_base import Emit
+from aiosd.kernel.syscall_base import Emit, Result
 from aiosd.kernel.syscalls import SYSCALLS
 from aiosd.managers.access import Caller, Role
 
@@ -31,10 +32,19 @@ def invalid_params(exc: ValidationError) -> InvalidParams:
     )
 
 
-async def dispatch(
+#: What :func:`dispatch` returns: the JSON-ready result when the syscall finished without
+#: waiting, else a coroutine that finishes it (awaiting, auditing, encoding).
+Outcome = dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]
+
+
+def dispatch(
     kernel: Kernel, name: str, params: Any, caller: Caller, emit: Emit | None = None
-) -> dict[str, Any]:
-    """Run syscall ``name`` for ``caller``; return its JSON-ready result or raise AiosError."""
+) -> Outcome:
+    """Run syscall ``name`` for ``caller``: its result, or a coroutine for it; raise AiosError.
+
+    A syscall whose handler answers at once (``system.status``) completes here, with no task
+    and no await; one that waits (``llm.chat``) returns the rest of this path to be awaited.
+    """
     role = kernel.access.role(caller)
     if role is Role.none:
         # Callers with no role learn nothing, not even which syscalls or params exist.
@@ -61,16 +71,35 @@ async def dispatch(
         kernel.access.audit(caller, name, "denied", exc.message)
         raise
     try:
-        result = await spec.handler(kernel, p, caller, emit)
-    except AiosError as exc:
-        kernel.access.audit(caller, name, "failed", type(exc).__name__)
-        raise
-    except Exception:
-        # Details go to the log only: clients never see a traceback or a path.
-        log.exception("syscall %s failed unexpectedly", name)
-        kernel.access.audit(caller, name, "failed", "internal error")
-        raise InternalError(
-            f"{name} failed inside the daemon; the daemon log has details"
-        ) from None
+        out = spec.handler(kernel, p, caller, emit)
+    except Exception as exc:
+        raise _failed(kernel, name, caller, exc) from None
+    if isinstance(out, Result):
+        return _done(kernel, name, caller, out)
+    return _finish(kernel, name, caller, out)
+
+
+async def _finish(
+    kernel: Kernel, name: str, caller: Caller, pending: Awaitable[Result]
+) -> dict[str, Any]:
+    try:
+        result = await pending
+    except Exception as exc:
+        raise _failed(kernel, name, caller, exc) from None
+    return _done(kernel, name, caller, result)
+
+
+def _done(kernel: Kernel, name: str, caller: Caller, result: Result) -> dict[str, Any]:
     kernel.access.audit(caller, name, "ok")
     return result.model_dump(mode="json")
+
+
+def _failed(kernel: Kernel, name: str, caller: Caller, exc: Exception) -> AiosError:
+    """The error a failed handler gives its caller; audited, and logged when unexpected."""
+    if isinstance(exc, AiosError):
+        kernel.access.audit(caller, name, "failed", type(exc).__name__)
+        return exc
+    # Details go to the log only: clients never see a traceback or a path.
+    log.error("syscall %s failed unexpectedly", name, exc_info=exc)
+    kernel.access.audit(caller, name, "failed", "internal error")
+    return InternalError(f"{name} failed inside the daemon; the daemon log has details")

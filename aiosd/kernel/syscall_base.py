@@ -39,7 +39,9 @@ class Result(BaseModel):
 
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-Handler = Callable[["Kernel", Any, Caller, "Emit | None"], Awaitable[Result]]
+#: A handler returns its Result at once when it has nothing to wait for (no task is made for
+#: it), or an awaitable of it.
+Handler = Callable[["Kernel", Any, Caller, "Emit | None"], "Result | Awaitable[Result]"]
 
 
 @dataclass(frozen=True)

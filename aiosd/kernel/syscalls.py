@@ -182,15 +182,15 @@ async def _llm_chat(k: Kernel, p: ChatParams, c: Caller, emit: Emit | None) -> R
     return await k.llm_chat(p, c, emit if p.stream else None)
 
 
-async def _llm_models(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+def _llm_models(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
     return k.llm_models()
 
 
-async def _system_status(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+def _system_status(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
     return k.system_status(c)
 
 
-async def _system_queue(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+def _system_queue(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
     return k.system_queue()
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Daemon, RawClient, call_every_syscall
+from tests.support import Daemon, RawClient, call_every_syscall, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -211,3 +213,68 @@ def test_frame_limit_counts_the_newline(daemon: Daemon) -> None:
     c.send_raw(exact[:-2] + b" }\n")  # one byte more
     assert c.recv()["error"]["code"] == -32007
     c.close()
+
+
+def test_connections_over_the_limit_are_refused_then_admitted_again(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, write_config(tmp_path, extra="[socket]\nmax_connections = 2\n"))
+    try:
+        d.wait_ready()
+        first, second = RawClient(d.socket_path), RawClient(d.socket_path)
+        assert "result" in first.call("system.status") and "result" in second.call("system.status")
+        third = RawClient(d.socket_path)
+        reply = third.recv()  # sent unasked, then the daemon closes
+        assert reply["error"]["code"] == -32009 and reply["error"]["data"]["limit"] == 2
+        assert "socket.max_connections" in reply["error"]["message"]
+        with pytest.raises((EOFError, ConnectionResetError)):
+            third.recv()
+        third.close()
+        assert "result" in first.call("system.status", req_id="still")  # the others go on
+        second.close()
+        deadline = time.monotonic() + 10
+        while True:  # the freed place is released once the daemon has seen the close
+            fourth = RawClient(d.socket_path)
+            reply = fourth.call("system.status")
+            fourth.close()
+            if "result" in reply or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert "result" in reply, reply
+        first.close()
+    finally:
+        d.stop()
+
+
+def test_a_client_that_does_not_read_stalls_only_itself(daemon: Daemon) -> None:
+    frame = b'{"jsonrpc":"2.0","id":1,"method":"system.status"}\n'
+    total = 100_000  # ~5 MB of requests, ~30 MB of replies if all were answered at once
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(daemon.socket_path))
+    s.setblocking(False)
+    data = memoryview(frame * total)
+    sent = 0
+    deadline = time.monotonic() + 3
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += s.send(data[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+    # The daemon stopped reading this client once its replies went unread: the kernel's
+    # buffers filled and the client could not send everything.
+    assert sent < len(data) // 4, f"the daemon read {sent} bytes from a client that never read"
+    _still_serving(daemon.socket_path)
+    # Reading now lets everything through, every request answered once.
+    s.settimeout(60)
+    answered: list[int] = []
+
+    def read_all() -> None:
+        with s.makefile("rb") as reader:
+            for _ in range(total):
+                assert json.loads(reader.readline())["result"]["state"] == "running"
+                answered.append(1)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    s.sendall(data[sent:])
+    reader.join(60)
+    assert len(answered) == total
+    s.close()

@@ -1,8 +1,15 @@
 """JSON-RPC 2.0 over a Unix stream socket: one JSON object per line.
 
 Thin by design: read a frame, build the :class:`Caller` from SO_PEERCRED (never from the
-payload), ``await kernel.dispatch``, encode the result or error.  Streaming syscalls send
+payload), hand the call to the kernel, encode the result or error.  Streaming syscalls send
 ``stream`` notifications carrying the request id before the final response.
+
+Each connection is an :class:`asyncio.Protocol`, not a stream reader with a task per request:
+a syscall that answers at once (``system.status``) is parsed, dispatched, audited and answered
+inside one ``data_received`` call, with no task and no extra turn of the event loop.  Only a
+syscall that waits (``llm.chat``, storage) gets a task, whose completion writes the reply.
+Backpressure: while a client does not read its replies (the transport's write buffer is over
+its high-water mark), its socket is not read either.
 """
 
 from __future__ import annotations
@@ -58,8 +65,11 @@ def peer_caller(sock: socket.socket) -> Caller:
     return Caller(uid=uid, gid=gid, pid=pid, groups=frozenset(groups))
 
 
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return _to_json(obj).encode() + b"\n"
 
 
 def _error(req_id: Any, err: AiosError) -> dict[str, Any]:
@@ -88,13 +98,8 @@ class SocketServer:
             name = sock.getsockname()
             if isinstance(name, str) and name:
                 self.path = Path(name)
-        self._server = await asyncio.start_unix_server(
-            # readline() refuses a line whose newline lies beyond index ``limit``: with
-            # max_frame_bytes - 1 the longest frame accepted is max_frame_bytes, newline included.
-            self._accept,
-            sock=sock,
-            limit=self.cfg.max_frame_bytes - 1,
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
         log.info("listening on %s%s", self.path, " (socket activation)" if self.activated else "")
 
     def _bind(self) -> socket.socket:
@@ -143,135 +148,184 @@ class SocketServer:
                 self.path.unlink()
 
     async def close(self) -> None:
-        """Drop every connection."""
+        """Drop every connection (what was already written to them is still sent)."""
         conns = list(self._connections)
         for conn in conns:
             conn.close()
         await asyncio.gather(*(c.finished.wait() for c in conns), return_exceptions=True)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admit(self, conn: _Connection) -> Caller | None:
+        """Register a new connection and give its caller, or None when over the limit."""
         if len(self._connections) >= self.cfg.max_connections:
-            err = TooManyConnections(
-                f"the daemon already serves {self.cfg.max_connections} connections "
-                "(socket.max_connections)",
-                data={"limit": self.cfg.max_connections},
-            )
-            writer.write(_encode(_error(None, err)))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-            writer.close()
-            return
-        sock = writer.get_extra_info("socket")
+            return None
         self._serial += 1
         # Unique across restarts too: a session's pinned memory outlives the daemon.
         session = f"socket-{self._boot}-{self._serial}"
+        sock = conn.transport.get_extra_info("socket")
         caller = dataclasses.replace(peer_caller(sock), session=session)
-        conn = _Connection(self, reader, writer, caller)
         self._connections.add(conn)
         self.kernel.connections = len(self._connections)
-        try:
-            await conn.serve()
-        finally:
-            self._connections.discard(conn)
-            self.kernel.connections = len(self._connections)
-            await self.kernel.session_closed(caller)
+        return caller
+
+    def _release(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        self.kernel.connections = len(self._connections)
 
 
-class _Connection:
-    """One client connection: a reader loop and one task per request in flight."""
+class _Connection(asyncio.Protocol):
+    """One client connection: frames in, replies out, a task for each request that waits."""
 
-    def __init__(
-        self,
-        server: SocketServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        caller: Caller,
-    ) -> None:
+    transport: asyncio.WriteTransport
+
+    def __init__(self, server: SocketServer) -> None:
         self.server = server
         self.kernel = server.kernel
-        self.reader = reader
-        self.writer = writer
-        self.caller = caller
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.replies: set[asyncio.Task[None]] = set()
+        self.limit = server.cfg.max_frame_bytes
+        self.caller: Caller | None = None
+        self.tasks: set[asyncio.Task[dict[str, Any]]] = set()
         self.finished = asyncio.Event()
-        self._reader_task: asyncio.Task[Any] | None = None
+        self._buf = bytearray()
+        self._closing = False  # no more frames are handled: closed, or closing once idle
+        self._close_when_idle = False
+        self._writing_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._cleanup: asyncio.Task[None] | None = None
 
-    def close(self) -> None:
-        """Stop reading and cancel every request of this connection."""
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+    # --- asyncio.Protocol -----------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Read frames until EOF; then cancel whatever is still running for this client."""
-        self._reader_task = asyncio.current_task()
-        try:
-            if await self._read_loop() and self.tasks:
-                # The client only shut down its writing side: answer what it asked.
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            # A client that went away cancels its generations, which frees their slots.
-            # Shielded: a second cancel (daemon stopping) must not skip the cleanup.
-            cleanup = asyncio.ensure_future(self._cleanup())
-            try:
-                await asyncio.shield(cleanup)
-            except asyncio.CancelledError:
-                await cleanup
-
-    async def _cleanup(self) -> None:
-        try:
-            for task in list(self.tasks):
-                task.cancel()
-            pending = self.tasks | self.replies
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
-        finally:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+        self.caller = self.server._admit(self)
+        if self.caller is None:
+            limit = self.server.cfg.max_connections
+            err = TooManyConnections(
+                f"the daemon already serves {limit} connections (socket.max_connections)",
+                data={"limit": limit},
+            )
+            self._closing = True
+            self._write(_error(None, err))
+            transport.close()
             self.finished.set()
 
-    async def _read_loop(self) -> bool:
-        """Serve frames; return True at a half-close (peer still reading), False otherwise."""
-        limit = self.server.cfg.max_frame_bytes
-        while True:
-            try:
-                line = await self.reader.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                err = FrameTooLarge(
-                    f"frame larger than {limit} bytes (socket.max_frame_bytes); closing",
-                    data={"limit": limit},
-                )
-                await self._send(_error(None, err))
-                return False
-            except ConnectionError:
-                return False
-            if not line:
-                return self._half_closed()
-            if not line.strip():
-                continue
-            self._handle_frame(line)
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            if end + 1 - start > self.limit:
+                self._too_large()
+                return
+            line = buf[start:end]
+            start = end + 1
+            if line.strip():
+                self._handle_frame(line)
+                if self._closing:
+                    return
+        rest = len(buf) - start
+        if rest >= self.limit:  # with its newline this frame cannot fit any more
+            self._too_large()
+        elif buf is self._buf:
+            del self._buf[:start]
+        elif rest:
+            self._buf = bytearray(buf[start:])
 
-    def _half_closed(self) -> bool:
+    def eof_received(self) -> bool:
+        if self._buf and not self._closing:
+            # A last frame without its newline (``printf … | socat``) is still a frame.
+            line, self._buf = bytes(self._buf), bytearray()
+            if line.strip():
+                self._handle_frame(line)
+        if self.tasks and self._peer_still_reads():
+            # The client only shut down its writing side: answer what it asked, then close.
+            self._closing = self._close_when_idle = True
+            return True
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionResetError("the client went away"))
+        self._drain_waiters.clear()
+        if self.caller is not None and self._cleanup is None:
+            self._cleanup = asyncio.get_running_loop().create_task(self._finish())
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests until it does.
+        self._writing_paused = True
+        self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if not self._closing:
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # --- the connection's life -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading, cancel every request of this connection, then close it."""
+        self._closing = self._close_when_idle = True
+        for task in list(self.tasks):
+            task.cancel()
+        if not self.tasks:
+            self.transport.close()
+
+    async def _finish(self) -> None:
+        """After the connection is gone: cancel its requests (freeing their slots), end the
+        session, and only then say it is finished."""
+        try:
+            # Shielded: a second cancel (daemon stopping) must not skip the cleanup.
+            pending = list(self.tasks)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            self.server._release(self)
+            try:
+                assert self.caller is not None
+                await self.kernel.session_closed(self.caller)
+            finally:
+                self.finished.set()
+
+    def _peer_still_reads(self) -> bool:
         """At EOF: did the peer shut down only its writing side (it still reads)?
 
         A peer that closed or died leaves our socket fully shut down (POLLHUP); one that
         called shutdown(SHUT_WR) does not, and still expects its answers.
         """
-        sock = self.writer.get_extra_info("socket")
+        sock = self.transport.get_extra_info("socket")
         if sock is None:
             return False
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         return not any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
-    def _handle_frame(self, line: bytes) -> None:
+    def _too_large(self) -> None:
+        err = FrameTooLarge(
+            f"frame larger than {self.limit} bytes (socket.max_frame_bytes); closing",
+            data={"limit": self.limit},
+        )
+        self._write(_error(None, err))
+        self._buf = bytearray()
+        self.close()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _handle_frame(self, line: bytes | bytearray) -> None:
         try:
             msg = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
-            self._reply_soon(None, ParseError(f"parse error: {exc}"))
+            self._write(_error(None, ParseError(f"parse error: {exc}")))
             return
         req_id = msg.get("id") if isinstance(msg, dict) else None
         if not isinstance(req_id, (str, int, type(None))) or isinstance(req_id, bool):
@@ -282,72 +336,89 @@ class _Connection:
             or not isinstance(msg.get("method"), str)
             or ("id" in msg and req_id is None and msg.get("id") is not None)
         ):
-            self._reply_soon(
-                req_id,
-                InvalidRequest(
-                    "invalid request: expected one JSON-RPC 2.0 object with 'jsonrpc': '2.0', "
-                    "a string 'method' and an integer or string 'id'"
-                ),
+            self._write(
+                _error(
+                    req_id,
+                    InvalidRequest(
+                        "invalid request: expected one JSON-RPC 2.0 object with 'jsonrpc': "
+                        "'2.0', a string 'method' and an integer or string 'id'"
+                    ),
+                )
             )
             return
         limit = self.server.cfg.max_inflight_per_connection
         if len(self.tasks) >= limit:
-            self._reply_soon(
-                req_id,
-                TooManyRequests(
-                    f"this connection already has {limit} requests in flight "
-                    "(socket.max_inflight_per_connection); wait for one to finish",
-                    data={"limit": limit},
-                ),
+            # Error replies are not requests in flight: they do not count against the limit.
+            err = TooManyRequests(
+                f"this connection already has {limit} requests in flight "
+                "(socket.max_inflight_per_connection); wait for one to finish",
+                data={"limit": limit},
             )
+            self._write(_error(req_id, err))
             return
         notify_only = "id" not in msg
-        task = asyncio.create_task(self._run(req_id, msg["method"], msg.get("params"), notify_only))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        method = msg["method"]
 
-    def _reply_soon(self, req_id: Any, err: AiosError) -> None:
-        # Error replies are not requests in flight: they do not count against the limit.
-        task = asyncio.create_task(self._send(_error(req_id, err)))
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
-
-    async def _run(self, req_id: Any, method: str, params: Any, notify_only: bool) -> None:
         async def emit(note: dict[str, Any]) -> None:
             if not notify_only:
                 await self._send(
                     {"jsonrpc": "2.0", "method": STREAM_METHOD, "params": {"id": req_id, **note}}
                 )
 
+        assert self.caller is not None
         try:
-            result = await self.kernel.dispatch(method, params, self.caller, emit)
-            reply: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "result": result}
+            out = self.kernel.call(method, msg.get("params"), self.caller, emit)
         except AiosError as exc:
             reply = _error(req_id, exc)
-        except ConnectionError:
-            return
-        except asyncio.CancelledError:
-            if self.kernel.state == "stopping" and not notify_only:
-                # Cut off by the stop's drain timeout: tell the client rather than go silent.
-                with contextlib.suppress(Exception):
-                    await self._send(
-                        _error(
-                            req_id, ShuttingDown("the daemon stopped before this request finished")
-                        )
-                    )
-            raise
         except Exception:
             log.exception("request %r (%s) failed", req_id, method)
             reply = _error(req_id, InternalError("internal error; the daemon log has details"))
+        else:
+            if not isinstance(out, dict):
+                # The syscall waits: a task finishes it, and its completion writes the reply.
+                task = asyncio.get_running_loop().create_task(out)
+                self.tasks.add(task)
+                task.add_done_callback(
+                    lambda t: self._reply_when_done(t, req_id, method, notify_only)
+                )
+                return
+            reply = {"jsonrpc": "2.0", "id": req_id, "result": out}
         if not notify_only:
-            await self._send(reply)
+            self._write(reply)
+
+    def _reply_when_done(
+        self, task: asyncio.Task[dict[str, Any]], req_id: Any, method: str, notify_only: bool
+    ) -> None:
+        self.tasks.discard(task)
+        reply: dict[str, Any] | None
+        if task.cancelled():
+            # Cut off by the stop's drain timeout: tell the client rather than go silent.
+            reply = None
+            if self.kernel.state == "stopping":
+                err = ShuttingDown("the daemon stopped before this request finished")
+                reply = _error(req_id, err)
+        elif (exc := task.exception()) is None:
+            reply = {"jsonrpc": "2.0", "id": req_id, "result": task.result()}
+        elif isinstance(exc, AiosError):
+            reply = _error(req_id, exc)
+        elif isinstance(exc, ConnectionError):
+            reply = None  # the client is gone
+        else:
+            log.error("request %r (%s) failed", req_id, method, exc_info=exc)
+            reply = _error(req_id, InternalError("internal error; the daemon log has details"))
+        if reply is not None and not notify_only:
+            self._write(reply)
+        if self._close_when_idle and not self.tasks:
+            self.transport.close()
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(_encode(obj))
 
     async def _send(self, obj: dict[str, Any]) -> None:
-        if self.writer.is_closing():
-            return
-        self.writer.write(_encode(obj))
-        try:
-            await self.writer.drain()
-        except ConnectionError:
-            # The peer is gone: stop reading so its remaining requests get cancelled.
-            self.close()
+        """Write, then wait while the client is not reading (a stream's flow control)."""
+        self._write(obj)
+        if self._writing_paused and not self.transport.is_closing():
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter

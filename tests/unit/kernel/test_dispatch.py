@@ -148,3 +148,36 @@ def test_unexpected_failure_is_an_internal_error_without_details(
     with pytest.raises(InternalError) as exc:
         asyncio.run(_kernel().dispatch("system.status", {}, ROOT))
     assert "/etc/shadow" not in exc.value.message and "daemon log" in exc.value.message
+
+
+def test_a_syscall_that_need_not_wait_completes_in_the_call() -> None:
+    k = _kernel()
+    # No event loop runs here: the answer cannot have needed a task.
+    status = k.call("system.status", {}, ROOT)
+    assert isinstance(status, dict) and status["caller_uid"] == 0
+    assert k.call("system.queue", {}, ROOT) == {"models": []}
+
+
+def test_a_syscall_that_waits_is_finished_by_awaiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = syscalls.SYSCALLS["system.status"]
+
+    async def later(k: Kernel, p: object, c: Caller, emit: object) -> syscalls.Result:
+        await asyncio.sleep(0)
+        return k.system_status(c)
+
+    monkeypatch.setitem(
+        syscalls.SYSCALLS,
+        "system.status",
+        syscalls.Syscall(
+            "system.status", spec.params, spec.result, spec.permission, later, spec.summary
+        ),
+    )
+    k = _kernel()
+
+    async def run() -> tuple[bool, dict[str, object]]:
+        out = k.call("system.status", {}, ROOT)
+        assert not isinstance(out, dict)
+        return (len(k._inflight) == 0, await out)
+
+    idle_before, status = asyncio.run(run())
+    assert idle_before and status["caller_uid"] == 0
