@@ -76,6 +76,7 @@ class Kernel:
         self._context: ContextManager | None = None
         self.state: State = "starting"
         self.started_at = time.monotonic()
+        self.pid = os.getpid()  # a syscall each time otherwise; the daemon never forks
         self.connections = 0
         self._inflight: set[asyncio.Task[Any]] = set()
 
@@ -330,7 +331,7 @@ class Kernel:
         running, waiting = self.scheduler.totals()
         return StatusResult(
             version=__version__,
-            pid=os.getpid(),
+            pid=self.pid,
             uptime_s=round(time.monotonic() - self.started_at, 3),
             state=self.state,
             models=list(self.backends),

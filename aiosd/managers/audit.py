@@ -27,6 +27,7 @@ _INFO = logging.INFO
 _logger = logging.getLogger(LOGGER)
 _journal_send: Callable[..., Any] | None = None
 _stream: IO[str] | None = None
+_prefix = f"aiosd[{os.getpid()}]: INFO {LOGGER}: "
 
 
 def to_journal() -> None:
@@ -39,8 +40,9 @@ def to_journal() -> None:
 
 def to_stream(stream: IO[str] | None = None) -> None:
     """Write records as lines to ``stream``; ``None`` means whatever ``sys.stderr`` is then."""
-    global _journal_send, _stream
+    global _journal_send, _stream, _prefix
     _journal_send, _stream = None, stream
+    _prefix = f"aiosd[{os.getpid()}]: INFO {LOGGER}: "  # getpid is a syscall: once, not per line
 
 
 def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, detail: str) -> None:
@@ -72,7 +74,7 @@ def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, deta
         except OSError:
             pass  # journald refused it (say, its queue is full): stderr still gets it
     stream = _stream if _stream is not None else sys.stderr
-    line = f"aiosd[{os.getpid()}]: INFO {LOGGER}: {message}\n"
+    line = f"{_prefix}{message}\n"
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):

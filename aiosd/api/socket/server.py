@@ -323,7 +323,7 @@ class _Connection(asyncio.Protocol):
 
     def _handle_frame(self, line: bytes | bytearray) -> None:
         try:
-            msg = json.loads(line)
+            msg = json.loads(line.decode())  # UTF-8, as JSON on the wire must be
         except (ValueError, UnicodeDecodeError) as exc:
             self._write(_error(None, ParseError(f"parse error: {exc}")))
             return
