@@ -22,6 +22,7 @@ from bench.common import Goal, Options, Report, Table, loadavg, median, percenti
 from bench.procs import DaemonProcess, NotifiedProcess
 
 CONCURRENCY = (1, 32)
+PROTO = "echo (Protocol)"
 FRAME = '{{"jsonrpc":"2.0","id":{id},"method":"system.status"}}\n'
 
 
@@ -91,15 +92,24 @@ def run(opts: Options) -> Report:
     echo_dir = opts.workdir / "echo"
     echo_dir.mkdir(parents=True, exist_ok=True)
     echo_sock = echo_dir / "echo.sock"
-    echo_argv = [sys.executable, str(Path(__file__).with_name("echo_server.py")), str(echo_sock)]
+    proto_sock = echo_dir / "echo-protocol.sock"
+    echo_py = str(Path(__file__).with_name("echo_server.py"))
     with (
         DaemonProcess(opts.workdir / "daemon") as daemon,
-        NotifiedProcess(echo_argv, echo_dir, "echo") as echo,
+        NotifiedProcess([sys.executable, echo_py, str(echo_sock)], echo_dir, "echo") as echo,
+        NotifiedProcess(
+            [sys.executable, echo_py, str(proto_sock), "--protocol"], echo_dir, "echo-protocol"
+        ) as proto,
     ):
-        targets = {"daemon": (daemon.socket_path, daemon.pid), "echo": (echo_sock, echo.pid)}
+        targets = {
+            "daemon": (daemon.socket_path, daemon.pid),
+            "echo": (echo_sock, echo.pid),
+            PROTO: (proto_sock, proto.pid),
+        }
         audit_before = daemon.audit_lines()
         for r in range(rounds):
-            order = ["echo", "daemon"] if r % 2 == 0 else ["daemon", "echo"]
+            names = ["echo", "daemon", PROTO]
+            order = names[r % 3 :] + names[: r % 3]
             for conns in CONCURRENCY:
                 for name in order:
                     path, pid = targets[name]
@@ -125,7 +135,7 @@ def run(opts: Options) -> Report:
         ],
     )
     for conns in CONCURRENCY:
-        for name in ("echo", "daemon"):
+        for name in ("echo", PROTO, "daemon"):
             ms = results[(name, conns)]
             lat = [x for m in ms for x in m.latencies]
             table.add(
@@ -140,12 +150,11 @@ def run(opts: Options) -> Report:
             )
     report.tables.append(table)
 
+    stricter = []
     for conns in CONCURRENCY:
-        d, e = results[("daemon", conns)], results[("echo", conns)]
-        p50 = ratio(
-            percentile([x for m in d for x in m.latencies], 50),
-            percentile([x for m in e for x in m.latencies], 50),
-        )
+        d, e, pr = results[("daemon", conns)], results[("echo", conns)], results[(PROTO, conns)]
+        d50 = percentile([x for m in d for x in m.latencies], 50)
+        p50 = ratio(d50, percentile([x for m in e for x in m.latencies], 50))
         cps = ratio(median([m.calls_per_s for m in e]), median([m.calls_per_s for m in d]))
         report.goals.append(
             Goal(f"rpc p50 latency daemon/echo, {conns} conn(s)", p50, "<= 3", p50 <= 3)
@@ -153,6 +162,21 @@ def run(opts: Options) -> Report:
         report.goals.append(
             Goal(f"rpc calls/s echo/daemon, {conns} conn(s)", cps, "<= 3", cps <= 3)
         )
+        cpu = [median([m.server_cpu / m.calls for m in ms if m.calls]) for ms in (d, e, pr)]
+        cps_pr = ratio(median([m.calls_per_s for m in pr]), median([m.calls_per_s for m in d]))
+        stricter.append(
+            f"{conns} conn(s): p50 daemon/echo (Protocol) "
+            f"{ratio(d50, percentile([x for m in pr for x in m.latencies], 50)):.2f}, "
+            f"calls/s echo (Protocol)/daemon "
+            f"{cps_pr:.2f}, "
+            f"server CPU per call daemon/echo {ratio(cpu[0], cpu[1]):.2f}, "
+            f"daemon/echo (Protocol) {ratio(cpu[0], cpu[2]):.2f}"
+        )
+    report.notes.append(
+        "the goal's baseline is 'echo' (asyncio streams); 'echo (Protocol)' answers inside "
+        "data_received like the daemon's socket layer, a stricter reference without a goal: "
+        + "; ".join(stricter)
+    )
     report.notes += [
         "daemon stderr (log + one audit line per call, log_level=info) goes to a file: "
         f"its cost is included; {audit_lines} audit lines were written for "
