@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
 from aiosd.errors import AiosError, InternalError, InvalidParams, MethodNotFound
-from aiosd.kernel.syscall_base import Emit, Result
+from aiosd.kernel.syscall_base import Emit, Handler, Params, Result
 from aiosd.kernel.syscalls import SYSCALLS
 from aiosd.managers.access import Caller, Role
 
@@ -33,7 +33,7 @@ def invalid_params(exc: ValidationError) -> InvalidParams:
 
 
 #: What :func:`dispatch` returns: the JSON-ready result when the syscall finished without
-#: waiting, else a coroutine that finishes it (awaiting, auditing, encoding).
+#: waiting, else a coroutine that runs the handler and finishes the path (audit, encoding).
 Outcome = dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]
 
 
@@ -70,20 +70,22 @@ def dispatch(
     except AiosError as exc:
         kernel.access.audit(caller, name, "denied", exc.message)
         raise
+    if spec.waits:
+        # The handler's coroutine is made inside _finish, so a request cancelled before it
+        # starts leaves no coroutine behind that was never awaited.
+        return _finish(kernel, name, caller, spec.handler, p, emit)
     try:
-        out = spec.handler(kernel, p, caller, emit)
+        result = spec.handler(kernel, p, caller, emit)
     except Exception as exc:
         raise _failed(kernel, name, caller, exc) from None
-    if isinstance(out, Result):
-        return _done(kernel, name, caller, out)
-    return _finish(kernel, name, caller, out)
+    return _done(kernel, name, caller, cast(Result, result))
 
 
 async def _finish(
-    kernel: Kernel, name: str, caller: Caller, pending: Awaitable[Result]
+    kernel: Kernel, name: str, caller: Caller, handler: Handler, p: Params, emit: Emit | None
 ) -> dict[str, Any]:
     try:
-        result = await pending
+        result = await cast(Awaitable[Result], handler(kernel, p, caller, emit))
     except Exception as exc:
         raise _failed(kernel, name, caller, exc) from None
     return _done(kernel, name, caller, result)

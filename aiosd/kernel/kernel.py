@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 from aiosd import __version__
@@ -162,18 +162,22 @@ class Kernel:
 
     def call(
         self, name: str, params: Any, caller: Caller, emit: Emit | None = None
-    ) -> _dispatch.Outcome:
+    ) -> dict[str, Any] | asyncio.Task[dict[str, Any]]:
         """Validate, authorize, route and audit one syscall (see kernel/dispatch.py).
 
-        Returns the result when the syscall finished without waiting, else a coroutine to
-        await for it (the front-end decides whether that gets a task of its own).
+        Returns the result when the syscall finished without waiting; else the task that
+        finishes it, already counted as in flight (a stop drains or cancels it).
         """
         if self.state == "stopping":
             raise ShuttingDown("the daemon is stopping and takes no new requests")
         out = _dispatch.dispatch(self, name, params, caller, emit)
         if isinstance(out, dict):
             return out
-        return self._in_flight(out)
+        task = asyncio.get_running_loop().create_task(out)
+        # Counted now, not when the task first runs: a stop that begins in between sees it.
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
 
     async def dispatch(
         self, name: str, params: Any, caller: Caller, emit: Emit | None = None
@@ -181,17 +185,6 @@ class Kernel:
         """:meth:`call`, awaited."""
         out = self.call(name, params, caller, emit)
         return out if isinstance(out, dict) else await out
-
-    async def _in_flight(self, pending: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-        """Await ``pending`` as a request in flight: a stop drains or cancels these."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            return await pending
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
 
     # --- syscall implementations (routed here by the table) ----------------------------------
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,8 +40,8 @@ class Result(BaseModel):
 
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-#: A handler returns its Result at once when it has nothing to wait for (no task is made for
-#: it), or an awaitable of it.
+#: A plain function when the syscall has nothing to wait for (it then runs with no task of its
+#: own), an ``async def`` when it waits.
 Handler = Callable[["Kernel", Any, Caller, "Emit | None"], "Result | Awaitable[Result]"]
 
 
@@ -55,3 +56,8 @@ class Syscall:
     handler: Handler
     summary: str
     streams: bool = False
+    #: Whether the handler is an ``async def`` (it waits); found from the handler itself.
+    waits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "waits", inspect.iscoroutinefunction(self.handler))

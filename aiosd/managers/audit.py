@@ -46,7 +46,10 @@ def to_stream(stream: IO[str] | None = None) -> None:
 
 
 def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, detail: str) -> None:
-    """Write one audit record (nothing when the ``aiosd.audit`` logger is above info)."""
+    """Write one audit record (nothing when the ``aiosd.audit`` logger is above info).
+
+    Never raises: a caller's request must not fail because its record could not be written.
+    """
     if not _logger.isEnabledFor(_INFO):
         return
     message = f"{syscall} uid={uid} pid={pid} aid={aid or '-'} verdict={verdict}" + (
@@ -71,20 +74,21 @@ def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, deta
                 AIOS_VERDICT=verdict,
             )
             return
-        except OSError:
-            pass  # journald refused it (say, its queue is full): stderr still gets it
+        except (OSError, UnicodeError):
+            pass  # journald refused it, or a name no UTF-8 can carry: stderr gets it
+    # A method name may hold lone surrogates (JSON "\udc80"): written escaped, never refused.
+    data = f"{_prefix}{message}\n".encode("utf-8", "backslashreplace")
     stream = _stream if _stream is not None else sys.stderr
-    line = f"{_prefix}{message}\n"
     try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = -1
-    if fd < 0:
-        # Not a real file (a test's capture, say): its own write.
-        stream.write(line)
-        stream.flush()
-        return
-    stream.flush()  # keep order with whatever was written to it through Python
-    data = line.encode()
-    while data:
-        data = data[os.write(fd, data) :]
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            # Not a real file (a test's capture, say): its own write.
+            stream.write(data.decode())
+            stream.flush()
+            return
+        stream.flush()  # keep order with whatever was written to it through Python
+        while data:
+            data = data[os.write(fd, data) :]
+    except (OSError, ValueError):
+        pass  # stderr is gone (a closed pipe): there is nowhere left to write the record

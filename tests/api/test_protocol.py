@@ -278,3 +278,15 @@ def test_a_client_that_does_not_read_stalls_only_itself(daemon: Daemon) -> None:
     reader.join(60)
     assert len(answered) == total
     s.close()
+
+
+def test_names_no_utf8_can_carry_and_deep_nesting_get_errors_not_a_dropped_line(
+    client: RawClient,
+) -> None:
+    # "\udc80" is valid JSON but a lone surrogate: not encodable as UTF-8.
+    client.send_raw(b'{"jsonrpc":"2.0","id":"\\udc80","method":"\\udc80"}\n')
+    reply = client.recv()
+    assert reply["error"]["code"] == -32601 and reply["id"] == "\udc80"
+    client.send_raw(b"[" * 100_000 + b"\n")
+    assert client.recv()["error"]["code"] == -32700
+    assert client.call("system.status", req_id="after")["result"]["state"] == "running"

@@ -387,13 +387,21 @@ def test_delete_keeps_history_and_rollback_restores(
     assert ok(replies[5])["value"] == "one" and ok(replies[5])["version"] == 3
 
 
-def test_memory_of_one_user_is_invisible_to_another(unix_users: dict[str, UnixUser],
-                                                    store_daemon: Daemon) -> None:
+def test_memory_of_one_user_is_invisible_to_another(
+    unix_users: dict[str, UnixUser], store_daemon: Daemon
+) -> None:
     a, b = unix_users["in"], unix_users["in2"]
-    added = ok(as_user(a, store_daemon, ("memory.add", {
-        "content": "the vault code is 4711", "space": "notes", "pinned": True}))[0])
+    added = ok(
+        as_user(
+            a,
+            store_daemon,
+            ("memory.add", {"content": "the vault code is 4711", "space": "notes", "pinned": True}),
+        )[0]
+    )
     target = {"id": added["id"], "space": "notes"}
-    replies = as_user(b, store_daemon,
+    replies = as_user(
+        b,
+        store_daemon,
         ("memory.get", target),
         ("memory.update", {**target, "content": "overwritten"}),
         ("memory.delete", target),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import uuid
@@ -71,3 +72,23 @@ def test_a_record_reaches_the_journal_with_its_fields(audit_to_journal: None) ->
     assert fields["AIOS_PID"] == "17"
     assert fields["AIOS_AID"] == "agent-1"
     assert fields["AIOS_VERDICT"] == "denied"
+
+
+def test_a_record_never_fails_the_request(tmp_path: Path) -> None:
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: every write gets EPIPE
+    try:
+        with os.fdopen(write_end, "w") as broken:
+            audit.to_stream(broken)
+            audit.record(0, 1, None, "system.status", "ok", "")  # must not raise
+        with (tmp_path / "audit.log").open("w+") as sink:
+            audit.to_stream(sink)
+            audit.record(0, 1, None, "\udc80", "unknown", "")
+            sink.seek(0)
+            assert sink.read().endswith("aiosd.audit: \\udc80 uid=0 pid=1 aid=- verdict=unknown\n")
+    finally:
+        audit.to_stream(None)
+        logger.setLevel(before)

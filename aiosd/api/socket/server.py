@@ -69,7 +69,11 @@ _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
-    return _to_json(obj).encode() + b"\n"
+    try:
+        return _to_json(obj).encode() + b"\n"
+    except UnicodeEncodeError:
+        # A lone surrogate (a "\udc80" escape echoed back, say) has no UTF-8 form: escape it.
+        return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 def _error(req_id: Any, err: AiosError) -> dict[str, Any]:
@@ -196,7 +200,14 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
-        self.caller = self.server._admit(self)
+        try:
+            self.caller = self.server._admit(self)
+        except OSError as exc:  # the peer left before we could read its credentials
+            log.debug("dropping a connection without credentials: %s", exc)
+            self._closing = True
+            transport.abort()
+            self.finished.set()
+            return
         if self.caller is None:
             limit = self.server.cfg.max_connections
             err = TooManyConnections(
@@ -212,16 +223,18 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         buf: bytes | bytearray = data
+        scan = 0  # where a newline may be: the bytes kept from before had none
         if self._buf:
+            scan = len(self._buf)
             self._buf += data
             buf = self._buf
         start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
+        while (end := buf.find(b"\n", scan)) >= 0:
             if end + 1 - start > self.limit:
                 self._too_large()
                 return
             line = buf[start:end]
-            start = end + 1
+            start = scan = end + 1
             if line.strip():
                 self._handle_frame(line)
                 if self._closing:
@@ -232,7 +245,7 @@ class _Connection(asyncio.Protocol):
         elif buf is self._buf:
             del self._buf[:start]
         elif rest:
-            self._buf = bytearray(buf[start:])
+            self._buf = bytearray(memoryview(buf)[start:])
 
     def eof_received(self) -> bool:
         if self._buf and not self._closing:
@@ -248,9 +261,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        # Senders waiting to write go on (their writes are dropped); _finish cancels them.
         for waiter in self._drain_waiters:
             if not waiter.done():
-                waiter.set_exception(ConnectionResetError("the client went away"))
+                waiter.set_result(None)
         self._drain_waiters.clear()
         if self.caller is not None and self._cleanup is None:
             self._cleanup = asyncio.get_running_loop().create_task(self._finish())
@@ -324,8 +338,11 @@ class _Connection(asyncio.Protocol):
     def _handle_frame(self, line: bytes | bytearray) -> None:
         try:
             msg = json.loads(line.decode())  # UTF-8, as JSON on the wire must be
-        except (ValueError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
             self._write(_error(None, ParseError(f"parse error: {exc}")))
+            return
+        except RecursionError:
+            self._write(_error(None, ParseError("parse error: JSON nested too deeply")))
             return
         req_id = msg.get("id") if isinstance(msg, dict) else None
         if not isinstance(req_id, (str, int, type(None))) or isinstance(req_id, bool):
@@ -375,10 +392,9 @@ class _Connection(asyncio.Protocol):
             reply = _error(req_id, InternalError("internal error; the daemon log has details"))
         else:
             if not isinstance(out, dict):
-                # The syscall waits: a task finishes it, and its completion writes the reply.
-                task = asyncio.get_running_loop().create_task(out)
-                self.tasks.add(task)
-                task.add_done_callback(
+                # The syscall waits: its task finishes it, and its completion writes the reply.
+                self.tasks.add(out)
+                out.add_done_callback(
                     lambda t: self._reply_when_done(t, req_id, method, notify_only)
                 )
                 return
@@ -390,6 +406,15 @@ class _Connection(asyncio.Protocol):
         self, task: asyncio.Task[dict[str, Any]], req_id: Any, method: str, notify_only: bool
     ) -> None:
         self.tasks.discard(task)
+        try:
+            self._reply_for(task, req_id, method, notify_only)
+        finally:
+            if self._close_when_idle and not self.tasks:
+                self.transport.close()
+
+    def _reply_for(
+        self, task: asyncio.Task[dict[str, Any]], req_id: Any, method: str, notify_only: bool
+    ) -> None:
         reply: dict[str, Any] | None
         if task.cancelled():
             # Cut off by the stop's drain timeout: tell the client rather than go silent.
@@ -408,8 +433,6 @@ class _Connection(asyncio.Protocol):
             reply = _error(req_id, InternalError("internal error; the daemon log has details"))
         if reply is not None and not notify_only:
             self._write(reply)
-        if self._close_when_idle and not self.tasks:
-            self.transport.close()
 
     def _write(self, obj: dict[str, Any]) -> None:
         if not self.transport.is_closing():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 from collections.abc import Iterator
@@ -174,10 +175,30 @@ def test_a_syscall_that_waits_is_finished_by_awaiting(monkeypatch: pytest.Monkey
     )
     k = _kernel()
 
-    async def run() -> tuple[bool, dict[str, object]]:
+    async def run() -> dict[str, object]:
         out = k.call("system.status", {}, ROOT)
-        assert not isinstance(out, dict)
-        return (len(k._inflight) == 0, await out)
+        assert isinstance(out, asyncio.Task)
+        # In flight from the moment it exists, not from its first step: a stop that begins
+        # in between still drains or cancels it.
+        assert out in k._inflight
+        return await out
 
-    idle_before, status = asyncio.run(run())
-    assert idle_before and status["caller_uid"] == 0
+    assert asyncio.run(run())["caller_uid"] == 0
+    assert not k._inflight
+
+
+def test_a_request_cancelled_before_it_starts_leaves_nothing_unawaited(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    k = _kernel()
+
+    async def run() -> None:
+        task = k.call("storage.usage", {}, ROOT)
+        assert isinstance(task, asyncio.Task)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
