@@ -92,3 +92,9 @@ def test_a_record_never_fails_the_request(tmp_path: Path) -> None:
     finally:
         audit.to_stream(None)
         logger.setLevel(before)
+
+
+def test_the_documented_message_id_is_the_one_sent() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for page in ("protocol.md", "design.md", "man/aiosd.8"):
+        assert audit.MESSAGE_ID in (docs / page).read_text(), page
