@@ -66,7 +66,7 @@ def dispatch(
         kernel.access.audit(caller, name, "invalid", err.message)
         raise err from None
     try:
-        kernel.access.authorize(caller, name, spec.permission, role)
+        kernel.access.authorize(name, spec.permission, role)
     except AiosError as exc:
         kernel.access.audit(caller, name, "denied", exc.message)
         raise

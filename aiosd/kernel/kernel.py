@@ -7,12 +7,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiosd import __version__
 from aiosd.config import Config, LlamaCppModelConfig, OllamaModelConfig
-from aiosd.errors import AiosError, Cancelled, ModelNotFound, NotSupported, ShuttingDown
+from aiosd.errors import AiosError, Cancelled, ModelNotFound, ShuttingDown
 from aiosd.kernel import dispatch as _dispatch
 from aiosd.kernel.llm.base import Backend, ChatRequest
 from aiosd.kernel.scheduler import Scheduler
@@ -72,8 +72,9 @@ class Kernel:
             st.durability,
             Limits(st.quota_bytes, st.quota_entries, st.retention),
         )
-        self.memory: MemoryManager | None = MemoryManager(self.storage, config.memory)
-        self._context: ContextManager | None = None
+        self.memory = MemoryManager(self.storage, config.memory)
+        #: The context manager (chat sessions), built on the memory manager.
+        self.context = ContextManager(self.memory)
         self.state: State = "starting"
         self.started_at = time.monotonic()
         self.pid = os.getpid()  # a syscall each time otherwise; the daemon never forks
@@ -104,11 +105,9 @@ class Kernel:
         try:
             needs_restart = [
                 section
-                for section in ("socket", "llm")
+                for section in ("socket", "llm", "dbus")
                 if getattr(config, section) != getattr(self.config, section)
             ]
-            if config.dbus != self.config.dbus:
-                needs_restart.append("dbus")
             # Storage limits are read when a user's store opens; max_value_bytes applies live.
             unchanged = {"max_value_bytes": 0}
             if config.storage.model_copy(update=unchanged) != self.config.storage.model_copy(
@@ -121,8 +120,7 @@ class Kernel:
             ):
                 needs_restart.append("daemon")
             self.access.configure(config.access)
-            if self.memory is not None:
-                self.memory.configure(config.memory)
+            self.memory.configure(config.memory)
             self.scheduler.set_queue_size(config.scheduler.queue_size)
             self.config = config
             return needs_restart
@@ -142,21 +140,11 @@ class Kernel:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=close_timeout)
-        if self.memory is not None:
-            try:
-                # Short-term memory ends with the daemon; pinned entries are kept in storage.
-                await asyncio.wait_for(self.memory.persist_pinned(), timeout=close_timeout)
-            except (TimeoutError, Exception):
-                log.exception("keeping pinned memory failed")
-        try:
-            await asyncio.wait_for(self.storage.close(), timeout=close_timeout)
-        except (TimeoutError, Exception):
-            log.exception("closing storage failed")
+        # Short-term memory ends with the daemon; pinned entries are kept in storage.
+        await _closing(self.memory.persist_pinned, close_timeout, "keeping pinned memory failed")
+        await _closing(self.storage.close, close_timeout, "closing storage failed")
         for backend in self.backends.values():
-            try:
-                await asyncio.wait_for(backend.close(), timeout=close_timeout)
-            except (TimeoutError, Exception):
-                log.exception("closing model %s failed", backend.name)
+            await _closing(backend.close, close_timeout, "closing model %s failed", backend.name)
 
     # --- the one entry point ------------------------------------------------------------------
 
@@ -188,18 +176,9 @@ class Kernel:
 
     # --- syscall implementations (routed here by the table) ----------------------------------
 
-    @property
-    def context(self) -> ContextManager:
-        """The context manager (chat sessions), built on the memory manager."""
-        if self.memory is None:
-            raise NotSupported("chat sessions need the memory manager")
-        if self._context is None:
-            self._context = ContextManager(self.memory)
-        return self._context
-
     async def session_closed(self, caller: Caller) -> None:
         """A client session ended: its short-term memory goes (pinned entries stay)."""
-        if caller.session is not None and self.memory is not None and self.state != "stopping":
+        if caller.session is not None and self.state != "stopping":
             await self.memory.drop_session(caller.uid, caller.session)
 
     def backend(self, model: str | None) -> Backend:
@@ -218,6 +197,7 @@ class Kernel:
         """Queue a generation on the scheduler, run it on a slot, stream or collect it."""
         backend = self.backend(p.model)
         messages = [m.model_dump(exclude_none=True) for m in p.messages]
+        tools = [t.model_dump() for t in p.tools] if p.tools else None
 
         def request(msgs: list[dict[str, Any]], reserve: int = 0) -> ChatRequest:
             return ChatRequest(
@@ -226,7 +206,7 @@ class Kernel:
                 temperature=p.temperature,
                 seed=p.seed,
                 response_schema=p.response_schema,
-                tools=[t.model_dump() for t in p.tools] if p.tools else None,
+                tools=tools,
                 reserve=reserve,
             )
 
@@ -273,9 +253,10 @@ class Kernel:
                         break
         if final is None:
             raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
+        content = "".join(parts)
         if p.session is not None:
             try:
-                await self.context.record(caller.uid, p.session, messages, "".join(parts))
+                await self.context.record(caller.uid, p.session, messages, content)
             except AiosError as exc:
                 # The answer exists and may have been streamed: report, do not fail the call.
                 notes.append(f"this exchange was not kept in session {p.session!r}: {exc.message}")
@@ -285,7 +266,7 @@ class Kernel:
             model=backend.name,
             message=Message(
                 role="assistant",
-                content="".join(parts),
+                content=content,
                 tool_calls=[ToolCall(**c) for c in tool_calls] or None,
             ),
             finish_reason=final.finish_reason,
@@ -349,6 +330,17 @@ class Kernel:
             f"{len(self.backends)} model(s), {running} running, {waiting} waiting, "
             f"{self.connections} connection(s)"
         )
+
+
+async def _closing(
+    step: Callable[[], Awaitable[Any]], timeout: float, failure: str, *args: object
+) -> None:
+    """Run one step of a stop for at most ``timeout``; log (never raise) if it fails."""
+    try:
+        await asyncio.wait_for(step(), timeout=timeout)
+    except Exception:
+        # stacklevel: the record names Kernel.stop, as when this was written out there.
+        log.exception(failure, *args, stacklevel=2)
 
 
 __all__ = ["Kernel", "AiosError"]

@@ -33,6 +33,10 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NoParams(Params):
+    """Syscalls without parameters."""
+
+
 class Result(BaseModel):
     """Base of every result model."""
 

@@ -17,6 +17,7 @@ from aiosd.kernel.syscall_base import (
     MAX_TEXT,
     Emit,
     Name,
+    NoParams,
     Params,
     Result,
     Syscall,
@@ -116,10 +117,6 @@ class ChatResult(Result):
     timings: Timings
     session: SessionInfo | None = None
     notes: list[str] = Field(default_factory=list)
-
-
-class NoParams(Params):
-    """Syscalls without parameters."""
 
 
 class ModelEntry(BaseModel):

@@ -85,23 +85,18 @@ class AccessManager:
             return Role.user
         return Role.none
 
-    def authorize(
-        self, caller: Caller, syscall: str, permission: Permission | None, role: Role | None = None
-    ) -> Role:
-        """Return the caller's role if it may make ``syscall``; raise PermissionDenied if not.
+    def authorize(self, syscall: str, permission: Permission | None, role: Role) -> None:
+        """Raise PermissionDenied unless a caller of ``role`` may make ``syscall``.
 
-        ``role`` is the caller's role when already looked up for this call.
+        ``role`` is the caller's role, already looked up for this call; callers without one
+        are refused before this (kernel/dispatch.py).
         """
-        role = self.role(caller) if role is None else role
         if permission is None:
             raise PermissionDenied(f"{syscall} declares no permission and is refused")
-        if role is Role.none:
-            raise self.refusal(caller)
         if permission is Permission.admin and role is not Role.admin:
             raise PermissionDenied(
                 f"{syscall} is for administrators: root or members of {self.cfg.admin_group!r}"
             )
-        return role
 
     def refusal(self, caller: Caller) -> PermissionDenied:
         """The error for a caller who has no role at all."""

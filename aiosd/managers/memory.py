@@ -227,9 +227,9 @@ class MemoryManager:
     async def get(self, uid: int, space: str, id: int) -> dict[str, Any]:
         """An entry (an access); an evicted one is brought back into RAM, which may evict."""
         async with self._lock:
-            sp = self._spaces.get((uid, space))
-            e = sp.entries.get(id) if sp is not None else None
-            if sp is not None and e is not None:
+            found = self._resident(uid, space, id)
+            if found is not None:
+                e = found[1]
                 self._touch(e)
                 return {**e.public(), "evicted": []}
             sp, e = await self._reload(uid, space, id)
@@ -259,12 +259,9 @@ class MemoryManager:
         if content is not None:
             check_content(content, self.cfg.max_entry_bytes)
         async with self._lock:
-            sp = self._spaces.get((uid, space))
-            e = sp.entries.get(id) if sp is not None else None
-            reloaded = False
-            if sp is None or e is None:
-                sp, e = await self._reload(uid, space, id)
-                reloaded = True
+            found = self._resident(uid, space, id)
+            reloaded = found is None
+            sp, e = found if found is not None else await self._reload(uid, space, id)
             before = (e.content, list(e.tags), e.pinned, e.updated, list(e.accesses))
             self._remove(sp, e)
             if content is not None:
@@ -291,12 +288,11 @@ class MemoryManager:
     async def delete(self, uid: int, space: str, id: int) -> None:
         """Delete an entry, from RAM or (if evicted) from storage."""
         async with self._lock:
-            sp = self._spaces.get((uid, space))
-            e = sp.entries.get(id) if sp is not None else None
-            if sp is not None and e is not None:
-                self._remove(sp, e)
+            found = self._resident(uid, space, id)
+            if found is not None:
+                self._remove(*found)
                 return
-            if not self.storage.exists(uid) or not await self._unstore(uid, space, id):
+            if not await self._unstore(uid, space, id):
                 raise _not_found(space, id)
 
     async def clear(self, uid: int, space: str, keep_pinned: bool) -> int:
@@ -309,9 +305,10 @@ class MemoryManager:
                     if not (keep_pinned and e.pinned):
                         self._remove(sp, e)
                         removed += 1
-            if self.storage.exists(uid):
-                coll = collection_of(space)
-                removed += await self.storage.run(uid, lambda s: _purge(s, coll, keep_pinned))
+            coll = collection_of(space)
+            removed += await self.storage.run_existing(
+                uid, lambda s: _purge(s, coll, keep_pinned), 0
+            )
             return removed
 
     async def search(self, uid: int, space: str, query: str, limit: int) -> list[dict[str, Any]]:
@@ -336,17 +333,18 @@ class MemoryManager:
                 score = _score(e.content, e.tags, words, now - e.accesses[-1])
                 if score > 0:
                     hits.append({**e.public(), "score": round(score, 6), "evicted": False})
-            if self.storage.exists(uid):
-                coll = collection_of(space)
-                stored = await self.storage.run(uid, lambda s: _stored_matches(s, coll, query))
-                for id_, row in stored:
-                    if id_ in resident:
-                        continue
-                    e = _Entry.stored(id_, row)
-                    last = e.accesses[-1] if e.accesses else 0
-                    score = _score(e.content, e.tags, words, now - last)
-                    if score > 0:
-                        hits.append({**e.public(), "score": round(score, 6), "evicted": True})
+            coll = collection_of(space)
+            stored: list[tuple[int, dict[str, Any]]] = await self.storage.run_existing(
+                uid, lambda s: _stored_matches(s, coll, query), []
+            )
+            for id_, row in stored:
+                if id_ in resident:
+                    continue
+                e = _Entry.stored(id_, row)
+                last = e.accesses[-1] if e.accesses else 0
+                score = _score(e.content, e.tags, words, now - last)
+                if score > 0:
+                    hits.append({**e.public(), "score": round(score, 6), "evicted": True})
             hits.sort(key=lambda h: (-h["score"], -h["id"]))
             return hits[:limit]
 
@@ -370,10 +368,8 @@ class MemoryManager:
             elsewhere = [i for i in dict.fromkeys(ids) if i not in resident]
             if elsewhere:
                 coll = collection_of(space)
-                found = (
-                    await self.storage.run(uid, lambda s: _present(s, coll, elsewhere))
-                    if self.storage.exists(uid)
-                    else set()
+                found: set[int] = await self.storage.run_existing(
+                    uid, lambda s: _present(s, coll, elsewhere), set()
                 )
                 for i in elsewhere:
                     if i not in found:
@@ -408,9 +404,8 @@ class MemoryManager:
     async def drop_session(self, uid: int, space: str) -> None:
         """A session ended: unpinned entries go (RAM and storage); pinned ones move to storage."""
         async with self._lock:
-            if self.storage.exists(uid):
-                coll = collection_of(space)
-                await self.storage.run(uid, lambda s: _purge(s, coll, True))
+            coll = collection_of(space)
+            await self.storage.run_existing(uid, lambda s: _purge(s, coll, True), 0)
             sp = self._spaces.get((uid, space))
             if sp is None:
                 return
@@ -431,33 +426,37 @@ class MemoryManager:
         e.accesses.append(self._clock)
         del e.accesses[: -self.cfg.lru_k]
 
+    def _resident(self, uid: int, space: str, id_: int) -> tuple[_Space, _Entry] | None:
+        """The space and the entry, if the entry is in RAM."""
+        sp = self._spaces.get((uid, space))
+        e = sp.entries.get(id_) if sp is not None else None
+        return (sp, e) if sp is not None and e is not None else None
+
     def _insert(self, sp: _Space, e: _Entry) -> None:
+        size = e.size
         sp.entries[e.id] = e
-        sp.bytes += e.size
-        self._total += e.size
+        sp.bytes += size
+        self._total += size
 
     def _remove(self, sp: _Space, e: _Entry) -> None:
         if sp.entries.pop(e.id, None) is not None:
-            sp.bytes -= e.size
-            self._total -= e.size
+            size = e.size
+            sp.bytes -= size
+            self._total -= size
 
     async def _space(self, uid: int, space: str) -> _Space:
         """The space in RAM, made if needed (ids continue after those in storage)."""
         sp = self._spaces.get((uid, space))
         if sp is None:
-            top = 0
-            if self.storage.exists(uid):
-                coll = collection_of(space)
-                top = await self.storage.run(uid, lambda s: _max_id(s, coll))
+            coll = collection_of(space)
+            top = await self.storage.run_existing(uid, lambda s: _max_id(s, coll), 0)
             sp = self._spaces.setdefault((uid, space), _Space(uid, space, top + 1))
         return sp
 
     async def _reload(self, uid: int, space: str, id_: int) -> tuple[_Space, _Entry]:
         """Put an evicted entry back in RAM (still in storage until the caller unstores it)."""
-        row = None
-        if self.storage.exists(uid):
-            coll = collection_of(space)
-            row = await self.storage.run(uid, lambda s: _load(s, coll, id_))
+        coll = collection_of(space)
+        row = await self.storage.run_existing(uid, lambda s: _load(s, coll, id_), None)
         if row is None:
             raise _not_found(space, id_)
         e = _Entry.stored(id_, row)
@@ -484,6 +483,7 @@ class MemoryManager:
         await self.storage.run(sp.uid, lambda s: s.put(coll, key, value, True, meta))
 
     async def _unstore(self, uid: int, space: str, id_: int) -> bool:
+        """Purge an entry from storage; False if it is not there (or there is no store)."""
         coll = collection_of(space)
 
         def fn(s: UserStore) -> bool:
@@ -493,7 +493,7 @@ class MemoryManager:
                 return False
             return True
 
-        return await self.storage.run(uid, fn)
+        return await self.storage.run_existing(uid, fn, False)
 
     def _rank(self, sp: _Space, e: _Entry) -> tuple[int, int, int, str, int]:
         """LRU-K order, victim first: K-th last access (none: first), then last access."""

@@ -180,6 +180,21 @@ class UserStore:
         ).fetchone()
         return row
 
+    def _head_id(self, collection: str, key: str) -> int | None:
+        """The id of the key's current version (its row in ``versions``), if it is live."""
+        row = self._db.execute(
+            "SELECT version_id FROM heads WHERE collection = ? AND key = ?", (collection, key)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _next_version(self, collection: str, key: str) -> int:
+        """The number the key's next version gets (deleted versions count too)."""
+        last: int = self._db.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM versions WHERE collection = ? AND key = ?",
+            (collection, key),
+        ).fetchone()[0]
+        return last + 1
+
     def usage(self) -> dict[str, int]:
         """Bytes (all versions kept) and entries (live keys) in use, with the quotas."""
         used_bytes, used_entries = self._db.execute(
@@ -228,12 +243,8 @@ class UserStore:
         size = len(value)
         now = time.time()
         with self._tx():
-            head = self._head(collection, key)
-            last = self._db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM versions WHERE collection = ? AND key = ?",
-                (collection, key),
-            ).fetchone()[0]
-            version = last + 1
+            head = self._head_id(collection, key)
+            version = self._next_version(collection, key)
             pruned = self._db.execute(
                 "SELECT id, size FROM versions WHERE collection = ? AND key = ? "
                 "ORDER BY version DESC LIMIT -1 OFFSET ?",
@@ -241,7 +252,7 @@ class UserStore:
             ).fetchall()
             use = self.usage()
             new_bytes = use["used_bytes"] + size - sum(s for _, s in pruned)
-            new_entries = use["used_entries"] + (0 if head else 1)
+            new_entries = use["used_entries"] + (0 if head is not None else 1)
             if new_bytes > use["quota_bytes"] or new_entries > use["quota_entries"]:
                 what = "bytes" if new_bytes > use["quota_bytes"] else "entries"
                 raise QuotaExceeded(
@@ -263,8 +274,8 @@ class UserStore:
                 (collection, key, version, value, int(is_text), meta_json, size, now),
             )
             new_id = cur.lastrowid
-            if head:
-                self._db.execute("DELETE FROM search WHERE rowid = ?", (head[0],))
+            if head is not None:
+                self._db.execute("DELETE FROM search WHERE rowid = ?", (head,))
             self._db.execute(
                 "INSERT INTO heads(collection, key, version_id) VALUES (?, ?, ?) "
                 "ON CONFLICT(collection, key) DO UPDATE SET version_id = excluded.version_id",
@@ -339,22 +350,16 @@ class UserStore:
     def delete(self, collection: str, key: str) -> dict[str, Any]:
         """Remove a key; its history stays (a rollback brings it back)."""
         with self._tx():
-            head = self._head(collection, key)
+            head = self._head_id(collection, key)
             if head is None:
                 raise _not_found(collection, key, None)
-            version = (
-                self._db.execute(
-                    "SELECT MAX(version) FROM versions WHERE collection = ? AND key = ?",
-                    (collection, key),
-                ).fetchone()[0]
-                + 1
-            )
+            version = self._next_version(collection, key)
             self._db.execute(
                 "INSERT INTO versions(collection, key, version, value, is_text, metadata, size, "
                 "created, deleted) VALUES (?, ?, ?, NULL, 0, '{}', 0, ?, 1)",
                 (collection, key, version, time.time()),
             )
-            self._db.execute("DELETE FROM search WHERE rowid = ?", (head[0],))
+            self._db.execute("DELETE FROM search WHERE rowid = ?", (head,))
             self._db.execute(
                 "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
             )
@@ -364,14 +369,14 @@ class UserStore:
         """Remove a key and every version of it (the daemon's own collections: forgotten
         memory must not linger in history)."""
         with self._tx():
-            head = self._head(collection, key)
+            head = self._head_id(collection, key)
             cur = self._db.execute(
                 "DELETE FROM versions WHERE collection = ? AND key = ?", (collection, key)
             )
             if cur.rowcount == 0:
                 raise _not_found(collection, key, None)
-            if head:
-                self._db.execute("DELETE FROM search WHERE rowid = ?", (head[0],))
+            if head is not None:
+                self._db.execute("DELETE FROM search WHERE rowid = ?", (head,))
             self._db.execute(
                 "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
             )
@@ -399,18 +404,15 @@ class UserStore:
         """Make an old version current again, as a new version (nothing is lost)."""
         if version is None:
             row = self._db.execute(
-                "SELECT version FROM versions WHERE collection = ? AND key = ? AND created <= ? "
+                "SELECT version, deleted FROM versions "
+                "WHERE collection = ? AND key = ? AND created <= ? "
                 "ORDER BY version DESC LIMIT 1",
                 (collection, key, at),
             ).fetchone()
             if row is None:
                 raise NotFound(f"{collection}/{key} has no version at or before {at}")
             version = int(row[0])
-            deleted = self._db.execute(
-                "SELECT deleted FROM versions WHERE collection = ? AND key = ? AND version = ?",
-                (collection, key, version),
-            ).fetchone()
-            if deleted and deleted[0]:
+            if row[1]:
                 raise NotFound(f"{collection}/{key} was deleted at that time (version {version})")
         old = self.get(collection, key, version)
         out = self.put(collection, key, old["value"], old["is_text"], old["metadata"])
@@ -419,7 +421,7 @@ class UserStore:
     def search(
         self,
         query: str,
-        collections: list[str] | None,
+        collections: list[str],
         metadata: dict[str, Any],
         limit: int,
         offset: int,
@@ -428,12 +430,10 @@ class UserStore:
         sql = (
             "SELECT s.collection, s.key, v.version, bm25(search) AS score, "
             "snippet(search, 2, '[', ']', '…', 12) FROM search s "
-            "JOIN versions v ON v.id = s.rowid WHERE search MATCH ?"
+            "JOIN versions v ON v.id = s.rowid WHERE search MATCH ? "
+            f"AND s.collection IN ({','.join('?' * len(collections))})"
         )
-        args: list[Any] = [fts_query(query)]
-        if collections is not None:
-            sql += f" AND s.collection IN ({','.join('?' * len(collections))})"
-            args.extend(collections)
+        args: list[Any] = [fts_query(query), *collections]
         for k, v in metadata.items():
             sql += " AND json_extract(v.metadata, ?) = ?"
             args.extend([f'$."{k}"', v])
@@ -541,6 +541,12 @@ class StorageManager:
     def exists(self, uid: int) -> bool:
         """Whether ``uid`` has a store at all (without creating one)."""
         return uid in self._stores or (self.directory / f"{uid}.sqlite").exists()
+
+    async def run_existing(self, uid: int, fn: Callable[[UserStore], T], default: T) -> T:
+        """:meth:`run` if ``uid`` has a store, else ``default`` (no store is created)."""
+        if not self.exists(uid):
+            return default
+        return await self.run(uid, fn)
 
     async def close(self) -> None:
         """Close every store and stop its thread."""

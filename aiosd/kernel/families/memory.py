@@ -6,14 +6,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from aiosd.errors import NotSupported
 from aiosd.kernel.syscall_base import Emit, Params, Result, Syscall
 from aiosd.managers.access import Caller, Permission
-from aiosd.managers.memory import check_content
 
 if TYPE_CHECKING:
     from aiosd.kernel.kernel import Kernel
-    from aiosd.managers.memory import MemoryManager
 
 Space = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 EntryId = Annotated[int, Field(ge=1, le=2**63 - 1)]
@@ -124,12 +121,6 @@ class ClearResult(Result):
 # --- handlers --------------------------------------------------------------------------------
 
 
-def _memory(k: Kernel) -> MemoryManager:
-    if k.memory is None:
-        raise NotSupported("short-term memory is not available in this daemon")
-    return k.memory
-
-
 def _space(p: Any, c: Caller) -> str:
     """The space named, else the caller's session, else ``default``."""
     space: str | None = p.space
@@ -137,41 +128,38 @@ def _space(p: Any, c: Caller) -> str:
 
 
 async def _add(k: Kernel, p: AddParams, c: Caller, emit: Emit | None) -> Result:
-    check_content(p.content, k.config.memory.max_entry_bytes)
     space = _space(p, c)
-    out = await _memory(k).add(c.uid, space, p.content, list(p.tags or []), p.pinned)
+    out = await k.memory.add(c.uid, space, p.content, list(p.tags or []), p.pinned)
     return EntryResult(space=space, **out)
 
 
 async def _get(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
     space = _space(p, c)
-    return EntryResult(space=space, **await _memory(k).get(c.uid, space, p.id))
+    return EntryResult(space=space, **await k.memory.get(c.uid, space, p.id))
 
 
 async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
     space = _space(p, c)
-    hits = await _memory(k).search(c.uid, space, p.query, p.limit)
+    hits = await k.memory.search(c.uid, space, p.query, p.limit)
     return SearchResult(space=space, hits=[Hit(**h) for h in hits])
 
 
 async def _update(k: Kernel, p: UpdateParams, c: Caller, emit: Emit | None) -> Result:
-    if p.content is not None:
-        check_content(p.content, k.config.memory.max_entry_bytes)
     space = _space(p, c)
     tags = list(p.tags) if p.tags is not None else None
-    out = await _memory(k).update(c.uid, space, p.id, p.content, tags, p.pinned)
+    out = await k.memory.update(c.uid, space, p.id, p.content, tags, p.pinned)
     return EntryResult(space=space, **out)
 
 
 async def _delete(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
     space = _space(p, c)
-    await _memory(k).delete(c.uid, space, p.id)
+    await k.memory.delete(c.uid, space, p.id)
     return DeleteResult(space=space, id=p.id, deleted=True)
 
 
 async def _clear(k: Kernel, p: ClearParams, c: Caller, emit: Emit | None) -> Result:
     space = _space(p, c)
-    return ClearResult(space=space, removed=await _memory(k).clear(c.uid, space, p.keep_pinned))
+    return ClearResult(space=space, removed=await k.memory.clear(c.uid, space, p.keep_pinned))
 
 
 SYSCALLS = (

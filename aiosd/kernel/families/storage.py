@@ -13,10 +13,10 @@ import grp
 import pwd
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from aiosd.errors import InvalidParams, NotFound, PermissionDenied
-from aiosd.kernel.syscall_base import BusBinary, Emit, Params, Result, Syscall
+from aiosd.kernel.syscall_base import BusBinary, Emit, NoParams, Params, Result, Syscall
 from aiosd.managers.access import Caller, Permission
 
 if TYPE_CHECKING:
@@ -40,20 +40,22 @@ class PutParams(Params):
     value: Annotated[str, Field(max_length=MAX_VALUE_CHARS), BusBinary()]
     encoding: Literal["text", "base64"] = "text"
     metadata: dict[str, Any] | None = None
+    #: The decoded value when ``encoding`` is base64 (decoded once, while validating).
+    _decoded: bytes | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _value_decodes(self) -> PutParams:
         if self.encoding == "base64":
             try:
-                base64.b64decode(self.value, validate=True)
+                self._decoded = base64.b64decode(self.value, validate=True)
             except (binascii.Error, ValueError):
                 raise ValueError("value: not valid base64") from None
         return self
 
     def raw(self) -> bytes:
         """The value's bytes."""
-        if self.encoding == "base64":
-            return base64.b64decode(self.value, validate=True)
+        if self._decoded is not None:
+            return self._decoded
         return self.value.encode("utf-8")
 
 
@@ -239,10 +241,6 @@ class SetQuotaParams(Params):
     quota_entries: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
 
 
-class NoParams(Params):
-    """No parameters."""
-
-
 # --- handlers --------------------------------------------------------------------------------
 
 
@@ -262,10 +260,13 @@ async def _readable(k: Kernel, c: Caller, owner: int | str | None, collection: s
     uid = _uid_of(owner)
     if uid == c.uid:
         return uid
+    return await _shared_by(k, c, uid, collection)
+
+
+async def _shared_by(k: Kernel, c: Caller, uid: int, collection: str) -> int:
+    """``uid`` (another user) if it shared ``collection`` with one of the caller's groups."""
     groups = c.groups | {c.gid}
-    if k.storage.exists(uid) and await k.storage.run(
-        uid, lambda s: s.shared_with(collection, groups)
-    ):
+    if await k.storage.run_existing(uid, lambda s: s.shared_with(collection, groups), False):
         return uid
     # Exactly what a missing entry says: whether the owner has such data is not leaked.
     raise NotFound(f"no collection {collection!r} readable by you for uid {uid}")
@@ -322,14 +323,13 @@ async def _rollback(k: Kernel, p: RollbackParams, c: Caller, emit: Emit | None) 
 
 async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
     meta = p.metadata or {}
-    if p.owner is not None and _uid_of(p.owner) != c.uid:
+    uid = c.uid if p.owner is None else _uid_of(p.owner)
+    if uid != c.uid:
         if p.collection is None:
             raise InvalidParams(
                 "invalid params: collection: required to search another user's shared collection"
             )
-        uid = await _readable(k, c, p.owner, p.collection)
-    else:
-        uid = c.uid
+        uid = await _shared_by(k, c, uid, p.collection)
     collections = [p.collection] if p.collection is not None else None
     if collections is None:
         # Everything of the caller's own except the daemon's reserved collections.
@@ -344,11 +344,15 @@ async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> R
     return SearchResult(hits=[Hit(**h) for h in hits])
 
 
-def _group_of(c: Caller, name: str) -> int:
+def _gid_named(name: str) -> int:
     try:
-        gid = grp.getgrnam(name).gr_gid
+        return grp.getgrnam(name).gr_gid
     except KeyError:
         raise InvalidParams(f"invalid params: group: no group named {name!r}") from None
+
+
+def _group_of(c: Caller, name: str) -> int:
+    gid = _gid_named(name)
     if not c.in_group(gid):
         raise PermissionDenied(f"you may share only with groups you belong to; not {name!r}")
     return gid
@@ -361,10 +365,7 @@ async def _share(k: Kernel, p: ShareWithMode, c: Caller, emit: Emit | None) -> R
 
 
 async def _unshare(k: Kernel, p: ShareParams, c: Caller, emit: Emit | None) -> Result:
-    try:
-        gid = grp.getgrnam(p.group).gr_gid
-    except KeyError:
-        raise InvalidParams(f"invalid params: group: no group named {p.group!r}") from None
+    gid = _gid_named(p.group)
     if not await k.storage.run(c.uid, lambda s: s.unshare(p.collection, gid)):
         raise NotFound(f"collection {p.collection!r} is not shared with {p.group!r}")
     return await _shares(k, c, p.collection)
