@@ -153,20 +153,37 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     mc.set_defaults(func=_simple("memory.clear", "space", "keep_pinned"))
 
 
-def _print(obj: Any) -> None:
+def print_json(obj: Any) -> None:
+    """Print a result as indented JSON."""
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named arguments that were given (not None), as syscall params."""
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def json_object(text: str, what: str, *, from_file: bool = False) -> dict[str, Any]:
+    """Parse ``text`` (with ``from_file``, ``@FILE`` reads FILE) as a JSON object."""
+    if from_file and text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise UsageError(f"{what}: cannot read {text[1:]}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what}: must be a JSON object")
+    return value
 
 
 def _simple(method: str, *names: str) -> Any:
     """A command that passes the given arguments (those set) and prints the JSON result."""
 
     def run(client: SyscallClient, args: argparse.Namespace) -> int:
-        _print(client.call(method, _pick(args, *names)))
+        print_json(client.call(method, pick(args, *names)))
         return 0
 
     return run
@@ -188,23 +205,21 @@ def storage_put(client: SyscallClient, args: argparse.Namespace) -> int:
     else:
         data = sys.stdin.buffer.read()
     params: dict[str, Any] = {"collection": args.collection, "key": args.key}
-    try:
-        if args.binary:
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "binary requested")
-        params.update(value=data.decode("utf-8"), encoding="text")
-    except UnicodeDecodeError:
+    text: str | None = None
+    if not args.binary:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # not text: sent as base64
+    if text is not None:
+        params.update(value=text, encoding="text")
+    else:
         params.update(value=base64.b64encode(data).decode("ascii"), encoding="base64")
     if args.meta:
-        try:
-            meta = json.loads(args.meta)
-        except ValueError as exc:
-            raise UsageError(f"--meta: not valid JSON: {exc}") from None
-        if not isinstance(meta, dict):
-            raise UsageError("--meta: must be a JSON object")
-        params["metadata"] = meta
+        params["metadata"] = json_object(args.meta, "--meta")
     result = client.call("storage.put", params)
     if args.json:
-        _print(result)
+        print_json(result)
     else:
         print(
             f"{result['collection']}/{result['key']}: version {result['version']}, "
@@ -215,9 +230,9 @@ def storage_put(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_get(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage get."""
-    result = client.call("storage.get", _pick(args, "collection", "key", "version", "owner"))
+    result = client.call("storage.get", pick(args, "collection", "key", "version", "owner"))
     if args.json:
-        _print(result)
+        print_json(result)
         return 0
     data = (
         base64.b64decode(result["value"])
@@ -234,10 +249,10 @@ def storage_get(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_ls(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage ls."""
-    params = _pick(args, "collection", "prefix", "limit", "after", "owner")
+    params = pick(args, "collection", "prefix", "limit", "after", "owner")
     result = client.call("storage.list", params)
     if args.json:
-        _print(result)
+        print_json(result)
         return 0
     for e in result["entries"]:
         print(f"{e['key']}\tv{e['version']}\t{e['size']}")
@@ -250,7 +265,7 @@ def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage search."""
     params = {
         "query": " ".join(args.query),
-        **_pick(args, "limit", "offset", "collection", "owner"),
+        **pick(args, "limit", "offset", "collection", "owner"),
     }
     meta = {}
     for item in args.meta:
@@ -266,7 +281,7 @@ def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
         params["metadata"] = meta
     result = client.call("storage.search", params)
     if args.json:
-        _print(result)
+        print_json(result)
         return 0
     for h in result["hits"]:
         snippet = " ".join(h["snippet"].split())
@@ -276,9 +291,9 @@ def storage_search(client: SyscallClient, args: argparse.Namespace) -> int:
 
 def storage_history(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl storage history."""
-    result = client.call("storage.history", _pick(args, "collection", "key", "owner"))
+    result = client.call("storage.history", pick(args, "collection", "key", "owner"))
     if args.json:
-        _print(result)
+        print_json(result)
         return 0
     for v in result["versions"]:
         note = "  (deleted)" if v["deleted"] else ""
@@ -292,13 +307,13 @@ def memory_add(client: SyscallClient, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"content": content, "space": args.space, "pinned": args.pinned}
     if args.tags:
         params["tags"] = args.tags
-    _print(client.call("memory.add", params))
+    print_json(client.call("memory.add", params))
     return 0
 
 
 def memory_search(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl memory search."""
-    _print(
+    print_json(
         client.call(
             "memory.search",
             {"query": " ".join(args.query), "space": args.space, "limit": args.limit},

@@ -19,7 +19,6 @@ from aiosd.sdk.client import (
     Client,
     DaemonUnreachable,
     SyscallClient,
-    default_socket,
 )
 
 EXIT_OK = 0
@@ -102,27 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load_json(text: str, what: str) -> Any:
-    if text.startswith("@"):
-        try:
-            text = Path(text[1:]).read_text()
-        except OSError as exc:
-            raise UsageError(f"{what}: cannot read {text[1:]}: {exc.strerror}") from None
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{what}: not valid JSON: {exc}") from None
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
 def cmd_status(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl status."""
     st = client.call("system.status")
     if args.json:
-        _print_json(st)
+        data.print_json(st)
         return EXIT_OK
     print(f"aiosd {st['version']} — {st['state']}, pid {st['pid']}, up {st['uptime_s']:.0f}s")
     print(f"models:      {', '.join(st['models'])} (default {st['default_model']})")
@@ -136,7 +119,7 @@ def cmd_models(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl models."""
     res = client.call("llm.models")
     if args.json:
-        _print_json(res)
+        data.print_json(res)
         return EXIT_OK
     print(f"{'NAME':<20} {'BACKEND':<9} {'SLOTS':>5} {'CONTEXT':>8}  DEFAULT")
     for m in res["models"]:
@@ -152,7 +135,7 @@ def cmd_queue(client: SyscallClient, args: argparse.Namespace) -> int:
     """aiosctl queue."""
     res = client.call("system.queue")
     if args.json:
-        _print_json(res)
+        data.print_json(res)
         return EXIT_OK
     for q in res["models"]:
         print(
@@ -178,17 +161,16 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": " ".join(args.prompt)})
-    params: dict[str, Any] = {"messages": messages}
-    for key in ("model", "max_tokens", "temperature", "seed", "priority", "session"):
-        value = getattr(args, key)
-        if value is not None:
-            params[key] = value
+    params: dict[str, Any] = {
+        "messages": messages,
+        **data.pick(args, "model", "max_tokens", "temperature", "seed", "priority", "session"),
+    }
     if args.schema is not None:
         params["response_schema"] = args.schema
     if args.json or args.no_stream:
         result = client.call("llm.chat", params)
         if args.json:
-            _print_json(result)
+            data.print_json(result)
         else:
             print(result["message"]["content"])
         _notes(result)
@@ -216,13 +198,13 @@ def cmd_call(client: SyscallClient, args: argparse.Namespace) -> int:
     if SYSCALLS[args.method].streams and params.get("stream"):
         for note in client.stream(args.method, params):
             print(json.dumps(note, ensure_ascii=False))
-        _print_json(client.last_result)
+        data.print_json(client.last_result)
     else:
-        _print_json(client.call(args.method, params))
+        data.print_json(client.call(args.method, params))
     return EXIT_OK
 
 
-def _client(args: argparse.Namespace, path: Path) -> Any:
+def _client(args: argparse.Namespace, path: Path | None) -> Any:
     if getattr(args, "bus", False):
         from aiosd.sdk.dbus import BusClient
 
@@ -233,13 +215,9 @@ def _client(args: argparse.Namespace, path: Path) -> Any:
 def _check_input(args: argparse.Namespace) -> None:
     """Parse JSON arguments before connecting: usage errors never depend on the daemon."""
     if args.command == "ask" and args.schema is not None:
-        args.schema = _load_json(args.schema, "--schema")
-        if not isinstance(args.schema, dict):
-            raise UsageError("--schema: must be a JSON object")
+        args.schema = data.json_object(args.schema, "--schema", from_file=True)
     if args.command == "call":
-        args.params = _load_json(args.params, "params")
-        if not isinstance(args.params, dict):
-            raise UsageError("params: must be a JSON object")
+        args.params = data.json_object(args.params, "params", from_file=True)
 
 
 COMMANDS = {
@@ -255,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aiosctl`` command."""
     args = build_parser().parse_args(argv)
     args.json = getattr(args, "json", False)
-    path = getattr(args, "socket", None) or default_socket()
+    path = getattr(args, "socket", None)  # None: the client's default_socket()
     try:
         _check_input(args)
         with _client(args, path) as client:

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from aiosd.api.socket import STREAM_METHOD
 from aiosd.errors import AiosError, InternalError, error_for_code
 
 DEFAULT_SOCKET = Path("/run/aiosd/aiosd.sock")
-STREAM_METHOD = "stream"
 READ_LIMIT = 64 * 1024 * 1024
 
 
@@ -43,6 +43,21 @@ def _raise_error(err: Any) -> None:
     if not isinstance(err, dict):
         raise InternalError(f"malformed error from the daemon: {err!r}")
     raise error_for_code(int(err.get("code", -32000)), str(err.get("message", "")), err.get("data"))
+
+
+def _outcome(msg: dict[str, Any]) -> tuple[bool, Any]:
+    """A message for a request: ``(True, params)`` for a stream notification, ``(False,
+    result)`` for the final reply; an error reply raises its AiosError."""
+    if msg.get("method") == STREAM_METHOD:
+        return True, msg["params"]
+    if "error" in msg:
+        _raise_error(msg["error"])
+    return False, msg.get("result")
+
+
+def _chat_params(prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``llm.chat`` params with one user message."""
+    return {"messages": [{"role": "user", "content": prompt}], **params}
 
 
 def _frame(req_id: int, method: str, params: dict[str, Any] | None) -> bytes:
@@ -161,22 +176,19 @@ class AsyncClient:
                 msg = await queue.get()
                 if msg.get("closed"):
                     raise DaemonUnreachable(self.path, "the daemon closed the connection")
-                if msg.get("method") == STREAM_METHOD:
-                    yield msg["params"]
+                is_note, value = _outcome(msg)
+                if is_note:
+                    yield value
                     continue
-                if "error" in msg:
-                    _raise_error(msg["error"])
                 if on_result is not None:
-                    on_result(msg.get("result"))
+                    on_result(value)
                 return
         finally:
             self._pending.pop(req_id, None)
 
     async def chat(self, prompt: str, **params: Any) -> dict[str, Any]:
         """``llm.chat`` with one user message; returns the ChatResult dict."""
-        result: dict[str, Any] = await self.call(
-            "llm.chat", {"messages": [{"role": "user", "content": prompt}], **params}
-        )
+        result: dict[str, Any] = await self.call("llm.chat", _chat_params(prompt, params))
         return result
 
 
@@ -236,13 +248,11 @@ class Client:
                 ) from None
             if not line:
                 raise DaemonUnreachable(self.path, "the daemon closed the connection")
-            msg = json.loads(line)
-            if msg.get("method") == STREAM_METHOD:
-                yield msg["params"]
+            is_note, value = _outcome(json.loads(line))
+            if is_note:
+                yield value
                 continue
-            if "error" in msg:
-                _raise_error(msg["error"])
-            self.last_result = msg.get("result")
+            self.last_result = value
             return
 
     last_result: Any = None
@@ -255,9 +265,7 @@ class Client:
 
     def chat(self, prompt: str, **params: Any) -> dict[str, Any]:
         """``llm.chat`` with one user message; returns the ChatResult dict."""
-        result: dict[str, Any] = self.call(
-            "llm.chat", {"messages": [{"role": "user", "content": prompt}], **params}
-        )
+        result: dict[str, Any] = self.call("llm.chat", _chat_params(prompt, params))
         return result
 
 

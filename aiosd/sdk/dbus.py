@@ -8,7 +8,8 @@ the GLib main loop of the calling thread until the request object reports how it
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pydbus
@@ -16,9 +17,9 @@ from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names
 from aiosd.api.dbus.binary import result_from_bus
-from aiosd.api.dbus.introspection import BusMethod, bus_methods
+from aiosd.api.dbus.introspection import TRANSPORT_FIELDS, BusMethod, bus_methods
 from aiosd.api.dbus.variants import to_vardict, to_variant
-from aiosd.errors import AiosError, error_for_dbus_name
+from aiosd.errors import DBUS_ERROR_PREFIX, AiosError, error_for_dbus_name
 from aiosd.sdk.client import DaemonUnreachable
 
 _HINT = "set DBUS_SYSTEM_BUS_ADDRESS to the bus it uses"
@@ -38,7 +39,7 @@ def _error(exc: GLib.Error) -> Exception:
     Gio.DBusError.strip_remote_error(exc)
     if name in _UNREACHABLE:
         return _Unreachable(exc.message)
-    if name.startswith(names.INTERFACE_PREFIX + "Error."):
+    if name.startswith(DBUS_ERROR_PREFIX):
         return error_for_dbus_name(name, exc.message)
     return AiosError(f"{name or 'D-Bus error'}: {exc.message}")
 
@@ -47,15 +48,22 @@ class _Unreachable(Exception):
     pass
 
 
+@functools.cache
+def _methods_by_syscall() -> Mapping[str, Mapping[bool, BusMethod]]:
+    """syscall name → {starts_request: its bus method} (built once; only read)."""
+    methods: dict[str, dict[bool, BusMethod]] = {}
+    for bm in bus_methods().values():
+        methods.setdefault(bm.syscall.name, {})[bm.starts_request] = bm
+    return methods
+
+
 class BusClient:
     """aiosd over D-Bus, one call at a time."""
 
     def __init__(self, address: str | None = None) -> None:
         self.address = address or system_bus_address()
         self._bus: Any = None
-        self._methods: dict[str, dict[bool, BusMethod]] = {}
-        for bm in bus_methods().values():
-            self._methods.setdefault(bm.syscall.name, {})[bm.starts_request] = bm
+        self._methods = _methods_by_syscall()
         self.last_result: Any = None
 
     def connect(self) -> BusClient:
@@ -79,7 +87,7 @@ class BusClient:
             self._bus = None
 
     def _args(self, bm: BusMethod, params: dict[str, Any]) -> GLib.Variant:
-        params = {k: v for k, v in params.items() if k != "stream"}
+        params = {k: v for k, v in params.items() if k not in TRANSPORT_FIELDS}
         values: list[Any] = []
         for name, sig in bm.args:
             value = params.pop(name, None)
@@ -192,7 +200,7 @@ class BusClient:
                         yield {"seq": args[0], "content": args[1]}
                     elif signal == "Finished":
                         finished = True
-                        self.last_result = args[0]
+                        self.last_result = result_from_bus(args[0])
                         return
                     elif signal == "Failed":
                         finished = True

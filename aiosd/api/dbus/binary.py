@@ -6,8 +6,10 @@ import base64
 import functools
 from typing import Any
 
+from gi.repository import GLib
 from pydantic import BaseModel
 
+from aiosd.api.dbus.variants import to_vardict
 from aiosd.kernel.syscall_base import BusBinary
 
 
@@ -39,6 +41,11 @@ def result_to_bus(model: type[BaseModel], result: dict[str, Any]) -> dict[str, A
         if isinstance(result.get(name), str):
             result = {**result, name: base64.b64decode(result[name])}
     return result
+
+
+def result_vardict(model: type[BaseModel], result: dict[str, Any]) -> dict[str, GLib.Variant]:
+    """A syscall's result as the ``a{sv}`` it is sent as: a reply, or a Finished signal."""
+    return to_vardict(result_to_bus(model, result))
 
 
 def result_from_bus(result: Any) -> Any:

@@ -10,8 +10,10 @@ object that emits ``Token`` signals and then ``Finished`` or ``Failed``.
 from __future__ import annotations
 
 import enum
+import functools
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -92,8 +94,12 @@ class BusMethod:
         return "o" if self.starts_request else "a{sv}"
 
 
-def bus_methods() -> dict[tuple[str, str], BusMethod]:
-    """Every method of the manager object, keyed by (interface, method)."""
+@functools.cache
+def bus_methods() -> Mapping[tuple[str, str], BusMethod]:
+    """Every method of the manager object, keyed by (interface, method).
+
+    Built once (the syscall table is fixed) and shared: callers only read it.
+    """
     out: dict[tuple[str, str], BusMethod] = {}
     for spec in SYSCALLS.values():
         fields = {k: f for k, f in spec.params.model_fields.items() if k not in TRANSPORT_FIELDS}
@@ -105,7 +111,7 @@ def bus_methods() -> dict[tuple[str, str], BusMethod]:
             variants.append((names.start_method_name(spec.name), True))
         for method, starts in variants:
             out[(iface, method)] = BusMethod(iface, method, spec, required, has_options, starts)
-    return out
+    return types.MappingProxyType(out)
 
 
 def _arg(name: str, sig: str, direction: str | None = None) -> str:

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names
+from aiosd.api.dbus.binary import result_vardict
 from aiosd.api.dbus.introspection import request_xml
-from aiosd.api.dbus.variants import to_vardict
 from aiosd.errors import AiosError, Cancelled, InternalError
 
 if TYPE_CHECKING:
     from aiosd.api.dbus.service import DBusFrontend
+    from aiosd.kernel.syscall_base import Syscall
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,19 @@ class RequestObject:
     """One running request on the bus."""
 
     def __init__(
-        self, frontend: DBusFrontend, con: Gio.DBusConnection, path: str, owner: str, syscall: str
+        self,
+        frontend: DBusFrontend,
+        con: Gio.DBusConnection,
+        path: str,
+        owner: str,
+        syscall: Syscall,
     ) -> None:
         self.frontend = frontend
         self.con = con
         self.path = path
         self.owner = owner
-        self.syscall = syscall
+        self.syscall = syscall.name
+        self._result_model = syscall.result
         #: pending (accepted, nothing produced yet) → streaming → finished | failed | cancelled
         self.state = "pending"
         self.future: concurrent.futures.Future[Any] | None = None
@@ -75,7 +82,7 @@ class RequestObject:
             self._emit("Failed", "(ss)", (InternalError.dbus_name, "internal error"))
         else:
             self._set_state("finished")
-            self._emit("Finished", "(a{sv})", (to_vardict(result),))
+            self._emit("Finished", "(a{sv})", (result_vardict(self._result_model, result),))
         finally:
             self._remove()
 

@@ -33,7 +33,7 @@ from gi.repository import Gio, GLib
 
 from aiosd import __version__
 from aiosd.api.dbus import names
-from aiosd.api.dbus.binary import params_from_bus, result_to_bus
+from aiosd.api.dbus.binary import params_from_bus, result_vardict
 from aiosd.api.dbus.introspection import (
     PROPERTIES,
     TRANSPORT_FIELDS,
@@ -42,7 +42,6 @@ from aiosd.api.dbus.introspection import (
     manager_xml,
 )
 from aiosd.api.dbus.requests import RequestObject
-from aiosd.api.dbus.variants import to_vardict
 from aiosd.config import DBusConfig
 from aiosd.errors import AiosError, BackendUnavailable, InternalError, InvalidParams, ShuttingDown
 from aiosd.kernel.kernel import Kernel
@@ -86,7 +85,8 @@ class DBusFrontend:
         self._inflight: dict[str, set[concurrent.futures.Future[Any]]] = {}
         self.requests: dict[str, RequestObject] = {}
         self._ids = itertools.count(1)
-        self._props_lock = threading.Lock()
+        #: Replaced whole (never changed in place) by the asyncio thread; the GLib thread reads
+        #: it once per call, so it always sees one consistent set.
         self._props: dict[str, Any] = {}
         self._props_pending = False
 
@@ -202,9 +202,8 @@ class DBusFrontend:
         self._registrations = []
         self._callers.clear()
         # Every client was on that bus: nobody is left to receive their requests' signals.
-        for req in list(self.requests.values()):
-            req.cancel()
-        # Future.cancel() runs done callbacks at once (they discard from these sets): copy.
+        # Cancel all their work, request objects included. Future.cancel() runs done
+        # callbacks at once (they discard from these sets): copy.
         inflight, self._inflight = self._inflight, {}
         for futures in inflight.values():
             for fut in list(futures):
@@ -246,11 +245,9 @@ class DBusFrontend:
         caller = self._callers.pop(name, None)
         if caller is not None:
             asyncio.run_coroutine_threadsafe(self.kernel.session_closed(caller), self.loop)
+        # Its request objects' futures are among these (_start_request submits them).
         for fut in list(self._inflight.pop(name, set())):
             fut.cancel()
-        for req in list(self.requests.values()):
-            if req.owner == name:
-                req.cancel()
 
     # --- calls (GLib thread) --------------------------------------------------------------
 
@@ -275,25 +272,25 @@ class DBusFrontend:
                 invocation.return_dbus_error(
                     names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{method}"
                 )
-        except AiosError as exc:
-            invocation.return_dbus_error(exc.dbus_name, exc.message)
-        except Exception:
-            log.exception("D-Bus call %s.%s failed", iface, method)
-            invocation.return_dbus_error(InternalError.dbus_name, "internal error")
+        except Exception as exc:
+            _return_error(invocation, exc, "D-Bus call %s.%s failed", iface, method)
 
     def _syscall(
         self, sender: str, bm: BusMethod, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
     ) -> None:
         if not self._accepting:
             raise ShuttingDown("the daemon is stopping and takes no new requests")
-        values = params.unpack()
-        call: dict[str, Any] = {name: v for (name, _), v in zip(bm.args, values, strict=False)}
+        call: dict[str, Any] = {}
         for i, (name, sig) in enumerate(bm.args):
-            inner = params.get_child_value(i).get_variant() if sig == "v" else None
+            child = params.get_child_value(i)
+            inner = child.get_variant() if sig == "v" else None
             if inner is not None and inner.get_type_string() == "ay":
-                call[name] = bytes(inner.get_data_as_bytes().get_data())  # unpack() gives ints
+                # Bytes as they are: unpack() would make one Python int per byte.
+                call[name] = bytes(inner.get_data_as_bytes().get_data())
+            else:
+                call[name] = child.unpack()
         if bm.has_options:
-            options = values[len(bm.args)]
+            options = params.get_child_value(len(bm.args)).unpack()
             for key in options:
                 if key in TRANSPORT_FIELDS or key in call:
                     raise InvalidParams(
@@ -332,7 +329,7 @@ class DBusFrontend:
     ) -> None:
         con = self._bus.con
         path = f"{names.REQUEST_PATH_PREFIX}/{next(self._ids)}"
-        req = RequestObject(self, con, path, sender, bm.syscall.name)
+        req = RequestObject(self, con, path, sender, bm.syscall)
         self.requests[path] = req
         invocation.return_value(GLib.Variant("(o)", (path,)))
         req.announce()
@@ -368,8 +365,8 @@ class DBusFrontend:
                 self._callers.popitem(last=False)
             try:
                 then(caller)
-            except AiosError as exc:
-                invocation.return_dbus_error(exc.dbus_name, exc.message)
+            except Exception as exc:
+                _return_error(invocation, exc, "D-Bus call from %s failed", sender)
 
         self._bus.con.call(
             "org.freedesktop.DBus",
@@ -390,8 +387,7 @@ class DBusFrontend:
     ) -> None:
         args = params.unpack()
         iface = args[0]
-        with self._props_lock:
-            props = dict(self._props)
+        props = self._props
         if iface != names.PROPERTIES_INTERFACE:
             props = {}
         if method == "GetAll":
@@ -434,9 +430,8 @@ class DBusFrontend:
             "Running": running,
             "QueueLength": waiting,
         }
-        with self._props_lock:
-            changed = {k: v for k, v in new.items() if self._props.get(k) != v}
-            self._props = new
+        changed = {k: v for k, v in new.items() if self._props.get(k) != v}
+        self._props = new
         if emit and changed and self.connected:
             self._bus.con.emit_signal(
                 None,
@@ -471,13 +466,25 @@ def _reply(
     invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any], bm: BusMethod
 ) -> None:
     try:
-        result = result_to_bus(bm.syscall.result, fut.result())
-        invocation.return_value(GLib.Variant("(a{sv})", (to_vardict(result),)))
+        result = result_vardict(bm.syscall.result, fut.result())
+        invocation.return_value(GLib.Variant("(a{sv})", (result,)))
     except concurrent.futures.CancelledError:
-        err = ShuttingDown("the request was cancelled before it finished")
-        invocation.return_dbus_error(err.dbus_name, err.message)
-    except AiosError as exc:
+        _return_error(invocation, ShuttingDown("the request was cancelled before it finished"))
+    except Exception as exc:
+        _return_error(invocation, exc, "D-Bus reply failed")
+
+
+def _return_error(
+    invocation: Gio.DBusMethodInvocation,
+    exc: BaseException,
+    log_msg: str = "D-Bus call failed",
+    *log_args: Any,
+) -> None:
+    """Answer a call with its AiosError; anything else is logged (``log_msg``) and answered
+    as an internal error."""
+    if isinstance(exc, AiosError):
         invocation.return_dbus_error(exc.dbus_name, exc.message)
-    except Exception:
-        log.exception("D-Bus reply failed")
-        invocation.return_dbus_error(InternalError.dbus_name, "internal error")
+        return
+    # stacklevel: the record names the function that caught it, as it always did.
+    log.error(log_msg, *log_args, exc_info=exc, stacklevel=2)
+    invocation.return_dbus_error(InternalError.dbus_name, "internal error")

@@ -1,1 +1,4 @@
 """The Unix-socket JSON-RPC 2.0 front-end."""
+
+#: The method of the notifications that carry a streaming request's pieces.
+STREAM_METHOD = "stream"

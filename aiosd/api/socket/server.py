@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiosd.api.socket import STREAM_METHOD
 from aiosd.config import SocketConfig
 from aiosd.errors import (
     AiosError,
@@ -47,7 +48,6 @@ from aiosd.managers.access import Caller
 log = logging.getLogger(__name__)
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-STREAM_METHOD = "stream"
 
 
 def peer_caller(sock: socket.socket) -> Caller:
@@ -78,6 +78,15 @@ def _encode(obj: dict[str, Any]) -> bytes:
 
 def _error(req_id: Any, err: AiosError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": req_id, "error": err.to_rpc()}
+
+
+def _failure(req_id: Any, method: str, exc: BaseException) -> dict[str, Any]:
+    """The error reply for a failed request; an unexpected exception is logged, not shown."""
+    if isinstance(exc, AiosError):
+        return _error(req_id, exc)
+    # stacklevel: the record names the function that handled the request, as it always did.
+    log.error("request %r (%s) failed", req_id, method, exc_info=exc, stacklevel=2)
+    return _error(req_id, InternalError("internal error; the daemon log has details"))
 
 
 class SocketServer:
@@ -168,11 +177,14 @@ class SocketServer:
         sock = conn.transport.get_extra_info("socket")
         caller = dataclasses.replace(peer_caller(sock), session=session)
         self._connections.add(conn)
-        self.kernel.connections = len(self._connections)
+        self._count_connections()
         return caller
 
     def _release(self, conn: _Connection) -> None:
         self._connections.discard(conn)
+        self._count_connections()
+
+    def _count_connections(self) -> None:
         self.kernel.connections = len(self._connections)
 
 
@@ -262,10 +274,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         # Senders waiting to write go on (their writes are dropped); _finish cancels them.
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        self._wake_senders()
         if self.caller is not None and self._cleanup is None:
             self._cleanup = asyncio.get_running_loop().create_task(self._finish())
 
@@ -278,6 +287,10 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         if not self._closing:
             self.transport.resume_reading()  # type: ignore[attr-defined]
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """Let every stream waiting in :meth:`_send` go on."""
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -344,14 +357,15 @@ class _Connection(asyncio.Protocol):
         except RecursionError:
             self._write(_error(None, ParseError("parse error: JSON nested too deeply")))
             return
-        req_id = msg.get("id") if isinstance(msg, dict) else None
-        if not isinstance(req_id, (str, int, type(None))) or isinstance(req_id, bool):
-            req_id = None
+        raw_id = msg.get("id") if isinstance(msg, dict) else None
+        # An id is a string, an integer (bool is not one) or null; absent means a notification.
+        id_ok = raw_id is None or (isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool))
+        req_id = raw_id if id_ok else None
         if (
             not isinstance(msg, dict)
             or msg.get("jsonrpc") != "2.0"
             or not isinstance(msg.get("method"), str)
-            or ("id" in msg and req_id is None and msg.get("id") is not None)
+            or not id_ok
         ):
             self._write(
                 _error(
@@ -385,11 +399,8 @@ class _Connection(asyncio.Protocol):
         assert self.caller is not None
         try:
             out = self.kernel.call(method, msg.get("params"), self.caller, emit)
-        except AiosError as exc:
-            reply = _error(req_id, exc)
-        except Exception:
-            log.exception("request %r (%s) failed", req_id, method)
-            reply = _error(req_id, InternalError("internal error; the daemon log has details"))
+        except Exception as exc:
+            reply = _failure(req_id, method, exc)
         else:
             if not isinstance(out, dict):
                 # The syscall waits: its task finishes it, and its completion writes the reply.
@@ -424,13 +435,8 @@ class _Connection(asyncio.Protocol):
                 reply = _error(req_id, err)
         elif (exc := task.exception()) is None:
             reply = {"jsonrpc": "2.0", "id": req_id, "result": task.result()}
-        elif isinstance(exc, AiosError):
-            reply = _error(req_id, exc)
-        elif isinstance(exc, ConnectionError):
-            reply = None  # the client is gone
         else:
-            log.error("request %r (%s) failed", req_id, method, exc_info=exc)
-            reply = _error(req_id, InternalError("internal error; the daemon log has details"))
+            reply = _failure(req_id, method, exc)
         if reply is not None and not notify_only:
             self._write(reply)
 
