@@ -13,12 +13,20 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from aiosd import __version__, sd
-from aiosd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, LoadedConfig, load_config
+from aiosd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    LoadedConfig,
+    load_config,
+)
 from aiosd.errors import AiosError
 from aiosd.managers import audit
+from aiosd.sdk.client import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from aiosd.api.dbus.service import DBusFrontend
@@ -59,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-dbus", action="store_true", help="run without the D-Bus front-end")
     ap.add_argument(
         "--log-level",
-        choices=["debug", "info", "warning", "error"],
+        choices=list(get_args(DaemonConfig.model_fields["log_level"].annotation)),
         help="override daemon.log_level",
     )
     ap.add_argument("--version", action="version", version=f"aiosd {__version__}")
@@ -106,12 +114,16 @@ class Daemon:
         from aiosd.kernel.kernel import Kernel
 
         self.args = args
-        self.config = loaded.config
-        self.kernel = Kernel(self.config)
+        self.kernel = Kernel(loaded.config)
         self.socket_server: SocketServer | None = None
         self.dbus: DBusFrontend | None = None
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def config(self) -> Config:
+        """The running configuration (the kernel's: a reload replaces it there)."""
+        return self.kernel.config
 
     async def run(self) -> int:
         """Start, notify READY, serve until SIGTERM/SIGINT, then stop in stages."""
@@ -158,7 +170,7 @@ class Daemon:
     def _announce(self) -> None:
         if self.socket_server is not None:
             path = self.socket_server.path
-            default = self.config.socket_path() == path and str(path) == "/run/aiosd/aiosd.sock"
+            default = self.config.socket_path() == path == DEFAULT_SOCKET
             hint = "aiosctl" if default else f"aiosctl --socket {path}"
             log.info('ready: socket %s — try: %s ask "Name three Linux init systems"', path, hint)
         else:
@@ -166,8 +178,8 @@ class Daemon:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a blocked loop misses pings and systemd notices.
@@ -203,7 +215,6 @@ class Daemon:
                 )
             else:
                 log.info("configuration reloaded")
-            self.config = loaded.config
         sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
 
     async def stop(self) -> None:
@@ -216,24 +227,31 @@ class Daemon:
         if self.socket_server is not None:
             await self.socket_server.stop_accepting(cfg.stop_accepting_timeout)
         if self.dbus is not None:
-            try:
-                await asyncio.wait_for(self.dbus.stop_accepting(), cfg.stop_accepting_timeout)
-            except TimeoutError:
-                log.warning(
-                    "D-Bus: releasing the name took longer than %.1fs", cfg.stop_accepting_timeout
-                )
+            await _within(
+                self.dbus.stop_accepting(),
+                cfg.stop_accepting_timeout,
+                "D-Bus: releasing the name took longer than %.1fs",
+            )
         await self.kernel.stop(cfg.drain_timeout, cfg.close_timeout)
         if self.dbus is not None:
-            try:
-                await asyncio.wait_for(self.dbus.close(), timeout=cfg.close_timeout)
-            except TimeoutError:
-                log.warning("D-Bus: closing took longer than %.1fs", cfg.close_timeout)
+            await _within(
+                self.dbus.close(), cfg.close_timeout, "D-Bus: closing took longer than %.1fs"
+            )
         if self.socket_server is not None:
-            try:
-                await asyncio.wait_for(self.socket_server.close(), timeout=cfg.close_timeout)
-            except TimeoutError:
-                log.warning("connections did not close within %.1fs", cfg.close_timeout)
+            await _within(
+                self.socket_server.close(),
+                cfg.close_timeout,
+                "connections did not close within %.1fs",
+            )
         log.info("stopped")
+
+
+async def _within(stage: Coroutine[Any, Any, None], timeout: float, late: str) -> None:
+    """Run one stop stage for at most ``timeout`` seconds; log ``late % timeout`` if cut off."""
+    try:
+        await asyncio.wait_for(stage, timeout)
+    except TimeoutError:
+        log.warning(late, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
     try:
         return asyncio.run(Daemon(args, loaded).run())
-    except AiosError as exc:
-        log.error("cannot start: %s", exc.message)
-        sd.notify(f"STATUS=failed: {exc.message}")
-        return EXIT_FAILURE
-    except OSError as exc:
+    except (AiosError, OSError) as exc:  # str() of an AiosError is its message
         log.error("cannot start: %s", exc)
         sd.notify(f"STATUS=failed: {exc}")
         return EXIT_FAILURE

@@ -165,17 +165,16 @@ def _all_subclasses(cls: type[AiosError]) -> list[type[AiosError]]:
     return out
 
 
+def _class_with(attr: str, value: object) -> type[AiosError]:
+    """The first error class (depth first) whose ``attr`` is ``value``; AiosError if none."""
+    return next((c for c in _all_subclasses(AiosError) if getattr(c, attr) == value), AiosError)
+
+
 def error_for_dbus_name(name: str, message: str) -> AiosError:
     """Rebuild the error a D-Bus error name stands for (used by D-Bus clients)."""
-    for cls in _all_subclasses(AiosError):
-        if cls.dbus_name == name:
-            return cls(message)
-    return AiosError(message)
+    return _class_with("dbus_name", name)(message)
 
 
 def error_for_code(code: int, message: str, data: dict[str, Any] | None = None) -> AiosError:
     """Rebuild the error class a JSON-RPC error code stands for (used by clients)."""
-    for cls in _all_subclasses(AiosError):
-        if cls.rpc_code == code:
-            return cls(message, data=data)
-    return AiosError(message, data=data)
+    return _class_with("rpc_code", code)(message, data=data)

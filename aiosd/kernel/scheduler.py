@@ -34,7 +34,7 @@ class Priority(StrEnum):
         return _RANK[self]
 
 
-_RANK = {Priority.interactive: 0, Priority.normal: 1, Priority.batch: 2}
+_RANK = {p: i for i, p in enumerate(Priority)}
 
 
 @dataclass(eq=False)
@@ -110,8 +110,7 @@ class Scheduler:
         if len(q.waiting) >= self.queue_size:
             self._make_room(q, ticket)
         ticket.future = asyncio.get_running_loop().create_future()
-        keys = [t.sort_key for t in q.waiting]
-        q.waiting.insert(bisect.bisect(keys, ticket.sort_key), ticket)
+        bisect.insort(q.waiting, ticket, key=lambda t: t.sort_key)
         self._changed()
         try:
             await ticket.future
@@ -128,9 +127,12 @@ class Scheduler:
 
     def _make_room(self, q: _ModelQueue, newcomer: Ticket) -> None:
         """Reject the newest waiting request of the lowest class, or the newcomer."""
-        # A waiter cancelled a moment ago still sits in the list until its task runs.
-        live = [t for t in q.waiting if t.future is not None and not t.future.done()]
-        victim = max(live, key=lambda t: t.sort_key) if live else newcomer
+        # The list is sorted, so the newest of the lowest class is the last one still waiting
+        # (a waiter cancelled a moment ago stays in the list until its task runs).
+        victim = next(
+            (t for t in reversed(q.waiting) if t.future is not None and not t.future.done()),
+            newcomer,
+        )
         busy = Busy(
             f"the queue of model {newcomer.model!r} is full "
             f"({len(q.waiting)} waiting, limit {self.queue_size}); try again later",

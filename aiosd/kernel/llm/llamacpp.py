@@ -212,8 +212,11 @@ class LlamaCppBackend(Backend):
         )
 
     async def chat(self, request: Any, slot: int) -> AsyncGenerator[ChatChunk, None]:
-        """Generate on ``slot`` in a worker thread; yield text pieces as they decode."""
-        prepared = request if isinstance(request, Prepared) else await self.prepare(request)
+        """Generate on ``slot`` in a worker thread; yield text pieces as they decode.
+
+        ``request`` is what :meth:`prepare` returned for it.
+        """
+        prepared: Prepared = request
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
@@ -268,15 +271,11 @@ class LlamaCppBackend(Backend):
         # Without a seed, llama.cpp's "random" seed; never the previous request's.
         llama.set_seed(prepared.seed if prepared.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab, is_eog = llama._model.vocab, llama_cpp.llama_vocab_is_eog
         produced = 0
-        finish = "length"
-        if stop.is_set():  # cancelled while waiting for this worker: skip the prefill too
-            yield (
-                "done",
-                ChatChunk(done=True, finish_reason="cancelled", prompt_tokens=len(prepared.tokens)),
-            )
-            return
-        for token in llama.generate(
+        # Cancelled while waiting for this worker: no prefill, no tokens.
+        finish = "cancelled" if stop.is_set() else "length"
+        steps = llama.generate(
             prepared.tokens,
             temp=prepared.temperature,
             top_k=40,
@@ -285,11 +284,12 @@ class LlamaCppBackend(Backend):
             repeat_penalty=1.0,
             reset=True,
             grammar=prepared.grammar,
-        ):
+        )
+        for token in steps if finish == "length" else ():
             if stop.is_set():
                 finish = "cancelled"
                 break
-            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+            if is_eog(vocab, token):
                 finish = "stop"
                 break
             produced += 1
