@@ -22,10 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from aiosd.api.socket import DEFAULT_RUNTIME_DIRECTORY, SOCKET_NAME
+
 DEFAULT_CONFIG_PATH = Path("/etc/aiosd/aiosd.toml")
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/aiosd")
-DEFAULT_RUNTIME_DIRECTORY = Path("/run/aiosd")
-SOCKET_NAME = "aiosd.sock"
 
 
 class _Section(BaseModel):
@@ -89,6 +89,7 @@ class StorageConfig(_Section):
     quota_entries: Annotated[int, Field(ge=0, le=1 << 40)] = 100_000
     retention: Annotated[int, Field(ge=1, le=10_000)] = 20
     max_value_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_open_stores: Annotated[int, Field(ge=1, le=100_000)] = 64
 
 
 class MemoryConfig(_Section):

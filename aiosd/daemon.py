@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from aiosd import __version__, sd
+from aiosd.api.socket import DEFAULT_SOCKET
 from aiosd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -26,7 +28,6 @@ from aiosd.config import (
 )
 from aiosd.errors import AiosError
 from aiosd.managers import audit
-from aiosd.sdk.client import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from aiosd.api.dbus.service import DBusFrontend
@@ -110,6 +111,9 @@ def setup_logging(config: Config, override: str | None) -> None:
 class Daemon:
     """One run of the daemon, from start to staged stop."""
 
+    #: Shortest time between two STATUS= updates: a busy queue changes many times a second.
+    STATUS_INTERVAL = 1.0
+
     def __init__(self, args: argparse.Namespace, loaded: LoadedConfig) -> None:
         from aiosd.kernel.kernel import Kernel
 
@@ -119,6 +123,9 @@ class Daemon:
         self.dbus: DBusFrontend | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._status_sent = ""
+        self._status_at = 0.0
+        self._status_timer: asyncio.TimerHandle | None = None
 
     @property
     def config(self) -> Config:
@@ -126,26 +133,41 @@ class Daemon:
         return self.kernel.config
 
     async def run(self) -> int:
-        """Start, notify READY, serve until SIGTERM/SIGINT, then stop in stages."""
+        """Start, notify READY, serve until SIGTERM/SIGINT, then stop in stages.
+
+        Every part pushes its stop stage as soon as it exists, so a start that fails half-way
+        unwinds exactly what was started, the way a normal stop does: first stop accepting
+        (front-ends), then drain and close the kernel, then close the front-ends.
+        """
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         sd.notify("STATUS=loading models")
-        await self.kernel.start()
-        await self._start_socket()
-        await self._start_dbus()
-        sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
-        self._announce()
-        interval = sd.watchdog_interval()
-        if interval:
-            self._spawn(self._watchdog(interval))
-        self._spawn(self._status_updates())
-        await self._stop.wait()
-        await self.stop()
+        async with contextlib.AsyncExitStack() as stack:
+            closing = await stack.enter_async_context(contextlib.AsyncExitStack())
+            draining = await stack.enter_async_context(contextlib.AsyncExitStack())
+            accepting = await stack.enter_async_context(contextlib.AsyncExitStack())
+            stack.push_async_callback(self._begin_stop)
+            draining.push_async_callback(self._stop_kernel)
+            await self.kernel.start()
+            await self._start_socket(accepting, closing)
+            await self._start_dbus(accepting, closing)
+            self.kernel.listeners.append(self._status_changed)
+            stack.callback(self.kernel.listeners.remove, self._status_changed)
+            self._status_sent = self.kernel.status_line()
+            sd.notify("READY=1", f"STATUS={self._status_sent}")
+            self._announce()
+            interval = sd.watchdog_interval()
+            if interval:
+                self._spawn(self._watchdog(interval))
+            await self._stop.wait()
+        log.info("stopped")
         return EXIT_OK
 
-    async def _start_socket(self) -> None:
+    async def _start_socket(
+        self, accepting: contextlib.AsyncExitStack, closing: contextlib.AsyncExitStack
+    ) -> None:
         if self.args.no_socket or not self.config.socket.enabled:
             log.info("socket front-end disabled")
             return
@@ -154,10 +176,19 @@ class Daemon:
         path = self.args.socket or self.config.socket_path()
         server = SocketServer(self.kernel, self.config.socket, path)
         self.socket_server = server
+        closing.push_async_callback(
+            self._stage, server.close, "closing connections", server.peers, "close_timeout"
+        )
         await server.start(None if self.args.socket else sd.listen_socket())
+        accepting.push_async_callback(self._stop_accepting_socket, server)
         await server.self_check()
 
-    async def _start_dbus(self) -> None:
+    async def _stop_accepting_socket(self, server: SocketServer) -> None:
+        await server.stop_accepting(self.config.shutdown.stop_accepting_timeout)
+
+    async def _start_dbus(
+        self, accepting: contextlib.AsyncExitStack, closing: contextlib.AsyncExitStack
+    ) -> None:
         if self.args.no_dbus or not self.config.dbus.enabled:
             log.info("D-Bus front-end disabled")
             return
@@ -166,6 +197,51 @@ class Daemon:
         frontend = DBusFrontend(self.kernel, self.config.dbus, asyncio.get_running_loop())
         await frontend.start()  # returns once the name is owned: READY=1 may follow
         self.dbus = frontend
+        closing.push_async_callback(
+            self._stage, frontend.close, "closing D-Bus", frontend.pending, "close_timeout"
+        )
+        accepting.push_async_callback(
+            self._stage,
+            frontend.stop_accepting,
+            "releasing the D-Bus name",
+            frontend.pending,
+            "stop_accepting_timeout",
+        )
+
+    async def _begin_stop(self) -> None:
+        sd.notify("STOPPING=1", "STATUS=stopping")
+        log.info("stopping")
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    async def _stop_kernel(self) -> None:
+        cfg = self.config.shutdown
+        await self.kernel.stop(cfg.drain_timeout, cfg.close_timeout)
+
+    async def _stage(
+        self,
+        step: Callable[[], Coroutine[Any, Any, None]],
+        what: str,
+        running: Callable[[], list[str]],
+        timeout_key: str,
+    ) -> None:
+        """One stop stage, bounded by its [shutdown] timeout; on time-out, say what is left."""
+        timeout: float = getattr(self.config.shutdown, timeout_key)
+        try:
+            await asyncio.wait_for(step(), timeout)
+        except TimeoutError:
+            left = running()
+            log.warning(
+                "stop: %s took longer than %.1fs (shutdown.%s); still there: %s",
+                what,
+                timeout,
+                timeout_key,
+                ", ".join(left) if left else "nothing known",
+            )
 
     def _announce(self) -> None:
         if self.socket_server is not None:
@@ -187,14 +263,21 @@ class Daemon:
             sd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _status_updates(self) -> None:
-        last = ""
-        while True:
-            await asyncio.sleep(5)
-            line = self.kernel.status_line()
-            if line != last:
-                sd.notify(f"STATUS={line}")
-                last = line
+    def _status_changed(self) -> None:
+        """The kernel changed: send STATUS= soon, at most once per STATUS_INTERVAL."""
+        if self._status_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._status_at + self.STATUS_INTERVAL - loop.time())
+        self._status_timer = loop.call_later(delay, self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_timer = None
+        self._status_at = asyncio.get_running_loop().time()
+        line = self.kernel.status_line()
+        if line != self._status_sent and self.kernel.state != "stopping":
+            sd.notify(f"STATUS={line}")
+            self._status_sent = line
 
     async def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply what can change live."""
@@ -207,7 +290,7 @@ class Daemon:
             for warning in loaded.warnings:
                 log.warning("%s", warning)
             setup_logging(loaded.config, self.args.log_level)
-            needs_restart = await self.kernel.reload(loaded.config)
+            needs_restart = self.kernel.reload(loaded.config)
             if needs_restart:
                 log.warning(
                     "reloaded; changes to [%s] take effect after a restart",
@@ -215,43 +298,8 @@ class Daemon:
                 )
             else:
                 log.info("configuration reloaded")
-        sd.notify("READY=1", f"STATUS={self.kernel.status_line()}")
-
-    async def stop(self) -> None:
-        """Staged stop: stop accepting, drain or cancel generations, close; each with a timeout."""
-        cfg = self.config.shutdown
-        sd.notify("STOPPING=1", "STATUS=stopping")
-        log.info("stopping")
-        for task in list(self._tasks):
-            task.cancel()
-        if self.socket_server is not None:
-            await self.socket_server.stop_accepting(cfg.stop_accepting_timeout)
-        if self.dbus is not None:
-            await _within(
-                self.dbus.stop_accepting(),
-                cfg.stop_accepting_timeout,
-                "D-Bus: releasing the name took longer than %.1fs",
-            )
-        await self.kernel.stop(cfg.drain_timeout, cfg.close_timeout)
-        if self.dbus is not None:
-            await _within(
-                self.dbus.close(), cfg.close_timeout, "D-Bus: closing took longer than %.1fs"
-            )
-        if self.socket_server is not None:
-            await _within(
-                self.socket_server.close(),
-                cfg.close_timeout,
-                "connections did not close within %.1fs",
-            )
-        log.info("stopped")
-
-
-async def _within(stage: Coroutine[Any, Any, None], timeout: float, late: str) -> None:
-    """Run one stop stage for at most ``timeout`` seconds; log ``late % timeout`` if cut off."""
-    try:
-        await asyncio.wait_for(stage, timeout)
-    except TimeoutError:
-        log.warning(late, timeout)
+        self._status_sent = self.kernel.status_line()
+        sd.notify("READY=1", f"STATUS={self._status_sent}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,3 +325,5 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         sd.notify(f"STATUS=failed: {exc}")
         return EXIT_FAILURE
+    finally:
+        audit.stop()

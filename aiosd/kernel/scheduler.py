@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypedDict
 
 from aiosd.errors import Busy, ModelNotFound, ShuttingDown
 
@@ -55,6 +56,38 @@ class Ticket:
     def sort_key(self) -> tuple[int, int]:
         """Priority class first, then arrival."""
         return (self.priority.rank, self.id)
+
+
+class RunningView(TypedDict):
+    """A running request, as ``system.queue`` shows it."""
+
+    request_id: int
+    uid: int
+    pid: int
+    priority: str
+    slot: int | None
+    waited_ms: float
+    running_ms: float
+
+
+class WaitingView(TypedDict):
+    """A waiting request and its place in the queue."""
+
+    request_id: int
+    position: int
+    uid: int
+    pid: int
+    priority: str
+    waited_ms: float
+
+
+class QueueView(TypedDict):
+    """One model's slots and queue."""
+
+    slots: int
+    served: int
+    running: list[RunningView]
+    waiting: list[WaitingView]
 
 
 @dataclass
@@ -184,36 +217,36 @@ class Scheduler:
         qs = self._queues.values()
         return sum(len(q.running) for q in qs), sum(len(q.waiting) for q in qs)
 
-    def view(self) -> dict[str, dict[str, object]]:
+    def view(self) -> dict[str, QueueView]:
         """The queue state for ``system.queue`` and ``system.status``."""
         now = time.monotonic()
-        out: dict[str, dict[str, object]] = {}
+        out: dict[str, QueueView] = {}
         for name, q in self._queues.items():
-            out[name] = {
-                "slots": q.slots,
-                "served": q.served,
-                "running": [
-                    {
-                        "request_id": t.id,
-                        "uid": t.uid,
-                        "pid": t.pid,
-                        "priority": t.priority.value,
-                        "slot": t.slot,
-                        "waited_ms": round(((t.started or now) - t.enqueued) * 1000, 1),
-                        "running_ms": round((now - (t.started or now)) * 1000, 1),
-                    }
+            out[name] = QueueView(
+                slots=q.slots,
+                served=q.served,
+                running=[
+                    RunningView(
+                        request_id=t.id,
+                        uid=t.uid,
+                        pid=t.pid,
+                        priority=t.priority.value,
+                        slot=t.slot,
+                        waited_ms=round(((t.started or now) - t.enqueued) * 1000, 1),
+                        running_ms=round((now - (t.started or now)) * 1000, 1),
+                    )
                     for t in sorted(q.running.values(), key=lambda t: t.id)
                 ],
-                "waiting": [
-                    {
-                        "request_id": t.id,
-                        "position": i + 1,
-                        "uid": t.uid,
-                        "pid": t.pid,
-                        "priority": t.priority.value,
-                        "waited_ms": round((now - t.enqueued) * 1000, 1),
-                    }
+                waiting=[
+                    WaitingView(
+                        request_id=t.id,
+                        position=i + 1,
+                        uid=t.uid,
+                        pid=t.pid,
+                        priority=t.priority.value,
+                        waited_ms=round((now - t.enqueued) * 1000, 1),
+                    )
                     for i, t in enumerate(q.waiting)
                 ],
-            }
+            )
         return out

@@ -1,18 +1,21 @@
-"""What every syscall declaration is made of (the table itself is in syscalls.py)."""
+"""What every syscall declaration is made of.
+
+A syscall is declared where it is handled: a family module (``kernel/families/``) defines a
+class holding the narrow services its handlers need, and marks each handler method with
+:func:`syscall`.  The table (``kernel/syscalls.py``) only collects the families with
+:func:`declared`; the kernel builds one instance of each family and calls handlers on it.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from aiosd.managers.access import Caller, Permission
-
-if TYPE_CHECKING:
-    from aiosd.kernel.kernel import Kernel
 
 MAX_TEXT = 4 * 1024 * 1024
 Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
@@ -44,9 +47,10 @@ class Result(BaseModel):
 
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-#: A plain function when the syscall has nothing to wait for (it then runs with no task of its
-#: own), an ``async def`` when it waits.
-Handler = Callable[["Kernel", Any, Caller, "Emit | None"], "Result | Awaitable[Result]"]
+#: ``handler(family, params, caller, emit)``: a plain function when the syscall has nothing to
+#: wait for (it then runs with no task of its own), an ``async def`` when it waits.  ``emit``
+#: is given only to streaming syscalls whose caller asked for a stream; None otherwise.
+Handler = Callable[[Any, Any, Caller, "Emit | None"], "Result | Awaitable[Result]"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,70 @@ class Syscall:
     permission: Permission | None
     handler: Handler
     summary: str
+    #: The family class the handler is a method of; the kernel calls it on that family's
+    #: instance.
+    family: type
     streams: bool = False
     #: Whether the handler is an ``async def`` (it waits); found from the handler itself.
     waits: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waits", inspect.iscoroutinefunction(self.handler))
+
+
+@dataclass(frozen=True)
+class _Mark:
+    name: str
+    params: type[Params]
+    result: type[Result]
+    permission: Permission | None
+    summary: str
+    streams: bool
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_MARK = "__aiosd_syscall__"
+
+
+def syscall(
+    name: str,
+    params: type[Params],
+    result: type[Result],
+    permission: Permission | None,
+    summary: str,
+    *,
+    streams: bool = False,
+) -> Callable[[F], F]:
+    """Declare the decorated family method as the handler of syscall ``name``."""
+
+    def mark(fn: F) -> F:
+        setattr(fn, _MARK, _Mark(name, params, result, permission, summary, streams))
+        return fn
+
+    return mark
+
+
+def declared(*families: type) -> dict[str, Syscall]:
+    """Every syscall the ``families`` declare, by name, in declaration order."""
+    out: dict[str, Syscall] = {}
+    for family in families:
+        for fn in vars(family).values():
+            m = getattr(fn, _MARK, None)
+            if not isinstance(m, _Mark):
+                continue
+            if m.name in out:
+                raise TypeError(f"syscall {m.name!r} is declared twice")
+            out[m.name] = Syscall(
+                m.name, m.params, m.result, m.permission, fn, m.summary, family, m.streams
+            )
+    return out
+
+
+def bind(
+    table: Mapping[str, Syscall], families: Mapping[type, object]
+) -> dict[str, tuple[Syscall, object]]:
+    """Each syscall with the family instance its handler runs on; every family must be given."""
+    missing = sorted({s.family.__name__ for s in table.values() if s.family not in families})
+    if missing:
+        raise TypeError(f"no instance of syscall family {', '.join(missing)}")
+    return {name: (spec, families[spec.family]) for name, spec in table.items()}

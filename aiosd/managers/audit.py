@@ -1,21 +1,29 @@
-"""The audit trail: one record per access decision, written at once.
+"""The audit trail: one record per access decision, written by a bounded writer thread.
 
-Every syscall leaves a record, so the record's cost is paid on every call: written through
-the generic ``logging`` machinery it cost about 7 µs (a LogRecord, caller lookup, a formatter,
-a lock, a flush), more than a cheap syscall itself.  This writer formats one line and makes one
-``write(2)`` (or, under journald, one ``sd_journal_send`` with structured fields), still before
-the reply leaves, so no record can be lost to a buffer.
+Every syscall leaves a record, so the record's cost is paid on every call.  A record is
+formatted on the caller's thread and handed to one writer thread, which makes the
+``write(2)`` (several queued records in one) or, under journald, the ``sd_journal_send``
+with structured fields.  The event loop therefore never waits on a slow stderr pipe or a
+backlogged journal: the watchdog would kill a daemon whose loop did.
+
+The queue is bounded (:data:`QUEUE_LIMIT` records).  When the writer falls that far behind,
+new records are counted instead of queued, and a record saying how many were lost is written
+as soon as there is room again: memory stays bounded and the loss is itself on the record.
+:func:`flush` waits until everything queued is written (the daemon's stop calls it).
 
 It follows the ``aiosd.audit`` logger's level: with ``log_level`` above ``info`` nothing is
-written, as before.  Where the records go is set with the rest of the logging
+written.  Where the records go is set with the rest of the logging
 (:func:`aiosd.daemon.setup_logging`): the journal, or a stream (stderr by default).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -23,6 +31,10 @@ LOGGER = "aiosd.audit"
 #: Journal MESSAGE_ID of every audit record: ``journalctl MESSAGE_ID=…`` lists them all.
 MESSAGE_ID = "6f1d2b64c0e94a3f9c1a7d2e5b8a4c10"
 _INFO = logging.INFO
+#: Records the writer may fall behind by before new ones are counted as lost.
+QUEUE_LIMIT = 10_000
+#: The writer thread ends after this long with nothing to write (a new record restarts it).
+IDLE_EXIT = 1.0
 
 _logger = logging.getLogger(LOGGER)
 _journal_send: Callable[..., Any] | None = None
@@ -35,49 +47,152 @@ def to_journal() -> None:
     global _journal_send, _stream
     from systemd.journal import send
 
+    flush()  # what was recorded before goes where it was meant to
     _journal_send, _stream = send, None
 
 
 def to_stream(stream: IO[str] | None = None) -> None:
     """Write records as lines to ``stream``; ``None`` means whatever ``sys.stderr`` is then."""
     global _journal_send, _stream, _prefix
+    flush()
     _journal_send, _stream = None, stream
     _prefix = f"aiosd[{os.getpid()}]: INFO {LOGGER}: "  # getpid is a syscall: once, not per line
 
 
-def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, detail: str) -> None:
-    """Write one audit record (nothing when the ``aiosd.audit`` logger is above info).
+#: One queued record: (message, uid, pid, aid, syscall, verdict).
+_Record = tuple[str, int, int, str, str, str]
 
-    Never raises: a caller's request must not fail because its record could not be written.
+
+class _Writer:
+    """The queue of records and the thread that writes them."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: collections.deque[_Record] = collections.deque()
+        self.dropped = 0
+        self.busy = False  # the thread holds records taken from the queue, not yet written
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def put(self, rec: _Record) -> None:
+        with self.cond:
+            if len(self.queue) >= QUEUE_LIMIT:
+                self.dropped += 1
+                return
+            self.queue.append(rec)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="audit", daemon=True)
+                self.thread.start()
+            elif len(self.queue) == 1:
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                if not self.queue and not self.dropped:
+                    if not self.stopping:
+                        self.cond.wait(IDLE_EXIT)
+                    if not self.queue and not self.dropped:
+                        self.thread = None
+                        self.cond.notify_all()
+                        return
+                batch, self.queue = self.queue, collections.deque()
+                dropped, self.dropped = self.dropped, 0
+                self.busy = True
+            try:
+                if dropped:
+                    note = f"audit: {dropped} record(s) lost: the audit writer fell behind"
+                    batch.appendleft((note, -1, -1, "", "audit", "lost"))
+                _write(batch)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()  # wakes flush()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.queue or self.dropped or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.thread is None:
+                    return False
+                self.cond.wait(left)
+        return True
+
+    def stop(self, timeout: float) -> bool:
+        written = self.flush(timeout)
+        with self.cond:
+            thread = self.thread
+            self.stopping = True
+            self.cond.notify_all()
+        if thread is not None:
+            thread.join(timeout)
+        with self.cond:
+            self.stopping = False
+        return written
+
+
+_writer = _Writer()
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Wait until every record queued so far is written; False if ``timeout`` ran out."""
+    return _writer.flush(timeout)
+
+
+def stop(timeout: float = 5.0) -> bool:
+    """:func:`flush`, then end the writer thread now (a later record starts a new one)."""
+    return _writer.stop(timeout)
+
+
+def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, detail: str) -> None:
+    """Queue one audit record (nothing when the ``aiosd.audit`` logger is above info).
+
+    Never raises and never waits for the write: a caller's request must not fail, nor stall,
+    because its record could not be written yet.
     """
     if not _logger.isEnabledFor(_INFO):
         return
     message = f"{syscall} uid={uid} pid={pid} aid={aid or '-'} verdict={verdict}" + (
         f" ({detail})" if detail else ""
     )
-    if _journal_send is not None:
-        try:
-            _journal_send(
-                message,
-                MESSAGE_ID=MESSAGE_ID,
-                # Given, so that the binding does not walk the stack to find them.
-                CODE_FILE=__file__,
-                CODE_LINE=0,
-                CODE_FUNC="record",
-                PRIORITY=6,
-                SYSLOG_IDENTIFIER="aiosd",
-                LOGGER=LOGGER,
-                AIOS_SYSCALL=syscall,
-                AIOS_UID=uid,
-                AIOS_PID=pid,
-                AIOS_AID=aid or "",
-                AIOS_VERDICT=verdict,
-            )
-            return
-        except (OSError, UnicodeError):
-            pass  # journald refused it, or a name no UTF-8 can carry: stderr gets it
+    _writer.put((message, uid, pid, aid or "", syscall, verdict))
+
+
+def _write(batch: collections.deque[_Record]) -> None:
+    """Write records where they go now (in the writer thread)."""
+    send = _journal_send
+    lines: list[str] = []
+    for message, uid, pid, aid, syscall, verdict in batch:
+        if send is not None:
+            try:
+                send(
+                    message,
+                    MESSAGE_ID=MESSAGE_ID,
+                    # Given, so that the binding does not walk the stack to find them.
+                    CODE_FILE=__file__,
+                    CODE_LINE=0,
+                    CODE_FUNC="record",
+                    PRIORITY=6,
+                    SYSLOG_IDENTIFIER="aiosd",
+                    LOGGER=LOGGER,
+                    AIOS_SYSCALL=syscall,
+                    AIOS_UID=uid,
+                    AIOS_PID=pid,
+                    AIOS_AID=aid,
+                    AIOS_VERDICT=verdict,
+                )
+                continue
+            except (OSError, UnicodeError):
+                pass  # journald refused it, or a name no UTF-8 can carry: stderr gets it
+        lines.append(f"{_prefix}{message}\n")
+    if lines:
+        _write_lines("".join(lines))
+
+
+def _write_lines(text: str) -> None:
     # A method name may hold lone surrogates (JSON "\udc80"): written escaped, never refused.
-    data = f"{_prefix}{message}\n".encode("utf-8", "backslashreplace")
+    data = text.encode("utf-8", "backslashreplace")
     stream = _stream if _stream is not None else sys.stderr
     try:
         try:

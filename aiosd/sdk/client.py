@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiosd.api.socket import STREAM_METHOD
+from aiosd.api.socket import DEFAULT_SOCKET, STREAM_METHOD
 from aiosd.errors import AiosError, InternalError, error_for_code
 
-DEFAULT_SOCKET = Path("/run/aiosd/aiosd.sock")
 READ_LIMIT = 64 * 1024 * 1024
 
 
 def default_socket() -> Path:
-    """$AIOSD_SOCKET, else /run/aiosd/aiosd.sock."""
+    """$AIOSD_SOCKET, else the default socket (/run/aiosd/aiosd.sock)."""
     return Path(os.environ.get("AIOSD_SOCKET") or DEFAULT_SOCKET)
 
 

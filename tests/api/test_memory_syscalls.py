@@ -4,6 +4,7 @@ found by another, and bad input names the field."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ ALICE = Caller(uid=5001, gid=5001, pid=11, session="socket-1")
 BOB = Caller(uid=5002, gid=5002, pid=12, session="socket-1")  # same session name, other uid
 
 
+_started: list[Kernel] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_kernels() -> Iterator[None]:
+    """Stop every kernel a test started: its stores and their threads close with it."""
+    yield
+    while _started:
+        asyncio.run(_started.pop().stop(drain_timeout=1, close_timeout=5))
+
+
 def _kernel(tmp_path: Path, **memory: Any) -> Kernel:
     k = Kernel(
         Config.model_validate(
@@ -30,11 +42,15 @@ def _kernel(tmp_path: Path, **memory: Any) -> Kernel:
         backends={},
     )
     asyncio.run(k.start())
+    _started.append(k)
     return k
 
 
 def _call(k: Kernel, name: str, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-    return asyncio.run(k.dispatch(name, params, caller))
+    async def call() -> dict[str, Any]:
+        return await k.dispatch(name, params, caller)
+
+    return asyncio.run(call())
 
 
 def test_each_memory_syscall_works_for_its_owner(tmp_path: Path) -> None:

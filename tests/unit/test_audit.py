@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import uuid
@@ -28,6 +29,7 @@ def audit_to_journal() -> Iterator[None]:
         yield
     finally:
         audit.to_stream(None)
+        audit.stop()
         logger.setLevel(before)
 
 
@@ -41,6 +43,7 @@ def test_a_record_reaches_the_journal_with_its_fields(audit_to_journal: None) ->
     if JOURNAL_SOCKET.exists():
         # journald runs here: look the record up through it.
         audit.record(4242, 17, "agent-1", syscall, "denied", "why")
+        assert audit.flush()
         out = subprocess.run(
             ["journalctl", "--no-pager", "-o", "json", f"AIOS_SYSCALL={syscall}"],
             capture_output=True,
@@ -56,6 +59,7 @@ def test_a_record_reaches_the_journal_with_its_fields(audit_to_journal: None) ->
             sock.bind(str(JOURNAL_SOCKET))
             try:
                 audit.record(4242, 17, "agent-1", syscall, "denied", "why")
+                assert audit.flush()
                 sock.settimeout(5)
                 fields = _fields(sock.recv(65536))
             finally:
@@ -84,13 +88,16 @@ def test_a_record_never_fails_the_request(tmp_path: Path) -> None:
         with os.fdopen(write_end, "w") as broken:
             audit.to_stream(broken)
             audit.record(0, 1, None, "system.status", "ok", "")  # must not raise
+            assert audit.flush()  # and the writer survives the broken pipe
         with (tmp_path / "audit.log").open("w+") as sink:
             audit.to_stream(sink)
             audit.record(0, 1, None, "\udc80", "unknown", "")
+            assert audit.flush()
             sink.seek(0)
             assert sink.read().endswith("aiosd.audit: \\udc80 uid=0 pid=1 aid=- verdict=unknown\n")
     finally:
         audit.to_stream(None)
+        audit.stop()
         logger.setLevel(before)
 
 
@@ -98,3 +105,51 @@ def test_the_documented_message_id_is_the_one_sent() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs"
     for page in ("protocol.md", "design.md", "man/aiosd.8"):
         assert audit.MESSAGE_ID in (docs / page).read_text(), page
+
+
+def test_a_stalled_sink_never_stalls_the_caller_and_losses_are_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    monkeypatch.setattr(audit, "QUEUE_LIMIT", 100)
+    read_end, write_end = os.pipe()
+    total = 5000  # far more than the pipe (64 KiB) and the queue (100) hold together
+    recorded = threading.Event()
+
+    def record_all() -> None:
+        for i in range(total):
+            audit.record(0, 1, None, f"test.rec{i}", "ok", "")
+        recorded.set()
+
+    try:
+        with os.fdopen(write_end, "w") as sink:
+            audit.to_stream(sink)
+            caller = threading.Thread(target=record_all)
+            caller.start()
+            # Nobody reads the pipe yet: the writer is stuck in write(2), the caller is not.
+            assert recorded.wait(30), "audit.record waited for the stalled sink"
+            caller.join()
+            chunks: list[bytes] = []
+            reader = threading.Thread(
+                target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b""))
+            )
+            reader.start()
+            assert audit.flush(30)
+            audit.to_stream(None)
+        reader.join(30)
+    finally:
+        audit.to_stream(None)
+        audit.stop()
+        logger.setLevel(before)
+        os.close(read_end)
+    lines = b"".join(chunks).decode().splitlines()
+    kept = [ln for ln in lines if " verdict=ok" in ln]
+    lost = [ln for ln in lines if "record(s) lost" in ln]
+    assert 0 < len(kept) < total
+    assert lost, "records were lost without a record saying so"
+    n_lost = sum(int(re.search(r"audit: (\d+) record\(s\) lost", ln)[1]) for ln in lost)  # type: ignore[index]
+    assert len(kept) + n_lost == total  # every record is either written or counted

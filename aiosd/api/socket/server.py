@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import pwd
 import select
 import socket
 import stat
@@ -44,6 +43,7 @@ from aiosd.errors import (
 )
 from aiosd.kernel.kernel import Kernel
 from aiosd.managers.access import Caller
+from aiosd.managers.users import process_ids
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def peer_caller(sock: socket.socket) -> Caller:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
         groups = set(struct.unpack(f"{len(raw) // 4}I", raw))
     except OSError:
-        # Older kernels: fall back to the group database for the peer's user.
-        with contextlib.suppress(KeyError):
-            groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        # Kernels before 4.13 lack SO_PEERGROUPS: the peer's own groups are in /proc, a
+        # local read (the group database may be NSS over the network: not on the loop).
+        groups = set(process_ids(pid).groups)
     return Caller(uid=uid, gid=gid, pid=pid, groups=frozenset(groups))
 
 
@@ -84,7 +84,7 @@ def _failure(req_id: Any, method: str, exc: BaseException) -> dict[str, Any]:
     """The error reply for a failed request; an unexpected exception is logged, not shown."""
     if isinstance(exc, AiosError):
         return _error(req_id, exc)
-    # stacklevel: the record names the function that handled the request, as it always did.
+    # stacklevel: the record names the function that handled the request, not this helper.
     log.error("request %r (%s) failed", req_id, method, exc_info=exc, stacklevel=2)
     return _error(req_id, InternalError("internal error; the daemon log has details"))
 
@@ -167,6 +167,15 @@ class SocketServer:
             conn.close()
         await asyncio.gather(*(c.finished.wait() for c in conns), return_exceptions=True)
 
+    def peers(self) -> list[str]:
+        """The open connections, by peer, for a stop that has to wait on them."""
+        out = []
+        for conn in self._connections:
+            c = conn.caller
+            who = f"uid {c.uid} pid {c.pid}" if c is not None else "unidentified peer"
+            out.append(f"{who} ({len(conn.tasks)} request(s) in flight)")
+        return sorted(out)
+
     def _admit(self, conn: _Connection) -> Caller | None:
         """Register a new connection and give its caller, or None when over the limit."""
         if len(self._connections) >= self.cfg.max_connections:
@@ -186,6 +195,7 @@ class SocketServer:
 
     def _count_connections(self) -> None:
         self.kernel.connections = len(self._connections)
+        self.kernel.changed()
 
 
 class _Connection(asyncio.Protocol):
@@ -198,7 +208,7 @@ class _Connection(asyncio.Protocol):
         self.kernel = server.kernel
         self.limit = server.cfg.max_frame_bytes
         self.caller: Caller | None = None
-        self.tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        self.tasks: set[asyncio.Future[dict[str, Any]]] = set()
         self.finished = asyncio.Event()
         self._buf = bytearray()
         self._closing = False  # no more frames are handled: closed, or closing once idle
@@ -398,23 +408,23 @@ class _Connection(asyncio.Protocol):
 
         assert self.caller is not None
         try:
-            out = self.kernel.call(method, msg.get("params"), self.caller, emit)
+            out = self.kernel.dispatch(method, msg.get("params"), self.caller, emit)
         except Exception as exc:
             reply = _failure(req_id, method, exc)
         else:
-            if not isinstance(out, dict):
+            if not out.done():
                 # The syscall waits: its task finishes it, and its completion writes the reply.
                 self.tasks.add(out)
                 out.add_done_callback(
                     lambda t: self._reply_when_done(t, req_id, method, notify_only)
                 )
                 return
-            reply = {"jsonrpc": "2.0", "id": req_id, "result": out}
+            reply = {"jsonrpc": "2.0", "id": req_id, "result": out.result()}
         if not notify_only:
             self._write(reply)
 
     def _reply_when_done(
-        self, task: asyncio.Task[dict[str, Any]], req_id: Any, method: str, notify_only: bool
+        self, task: asyncio.Future[dict[str, Any]], req_id: Any, method: str, notify_only: bool
     ) -> None:
         self.tasks.discard(task)
         try:
@@ -424,7 +434,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def _reply_for(
-        self, task: asyncio.Task[dict[str, Any]], req_id: Any, method: str, notify_only: bool
+        self, task: asyncio.Future[dict[str, Any]], req_id: Any, method: str, notify_only: bool
     ) -> None:
         reply: dict[str, Any] | None
         if task.cancelled():

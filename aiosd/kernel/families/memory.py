@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, Field, model_validator
 
-from aiosd.kernel.syscall_base import Emit, Params, Result, Syscall
+from aiosd.kernel.syscall_base import Emit, Params, Result, syscall
 from aiosd.managers.access import Caller, Permission
-
-if TYPE_CHECKING:
-    from aiosd.kernel.kernel import Kernel
+from aiosd.managers.memory import MemoryManager
 
 Space = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 EntryId = Annotated[int, Field(ge=1, le=2**63 - 1)]
@@ -121,94 +119,91 @@ class ClearResult(Result):
 # --- handlers --------------------------------------------------------------------------------
 
 
-def _space(p: Any, c: Caller) -> str:
+def _space(space: str | None, c: Caller) -> str:
     """The space named, else the caller's session, else ``default``."""
-    space: str | None = p.space
     return space or c.session or "default"
 
 
-async def _add(k: Kernel, p: AddParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    out = await k.memory.add(c.uid, space, p.content, list(p.tags or []), p.pinned)
-    return EntryResult(space=space, **out)
+class MemorySyscalls:
+    """Handlers of ``memory.*``: they need the memory manager only."""
 
+    def __init__(self, memory: MemoryManager) -> None:
+        self.memory = memory
 
-async def _get(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    return EntryResult(space=space, **await k.memory.get(c.uid, space, p.id))
-
-
-async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    hits = await k.memory.search(c.uid, space, p.query, p.limit)
-    return SearchResult(space=space, hits=[Hit(**h) for h in hits])
-
-
-async def _update(k: Kernel, p: UpdateParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    tags = list(p.tags) if p.tags is not None else None
-    out = await k.memory.update(c.uid, space, p.id, p.content, tags, p.pinned)
-    return EntryResult(space=space, **out)
-
-
-async def _delete(k: Kernel, p: IdParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    await k.memory.delete(c.uid, space, p.id)
-    return DeleteResult(space=space, id=p.id, deleted=True)
-
-
-async def _clear(k: Kernel, p: ClearParams, c: Caller, emit: Emit | None) -> Result:
-    space = _space(p, c)
-    return ClearResult(space=space, removed=await k.memory.clear(c.uid, space, p.keep_pinned))
-
-
-SYSCALLS = (
-    Syscall(
+    @syscall(
         "memory.add",
         AddParams,
         EntryResult,
         Permission.user,
-        _add,
         "Remember something in a memory space (by default your session's).",
-    ),
-    Syscall(
+    )
+    async def add(self, p: AddParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.add``."""
+        space = _space(p.space, c)
+        out = await self.memory.add(c.uid, space, p.content, list(p.tags or []), p.pinned)
+        return EntryResult(space=space, **out)
+
+    @syscall(
         "memory.get",
         IdParams,
         EntryResult,
         Permission.user,
-        _get,
         "Read a memory entry; an evicted one is brought back from storage.",
-    ),
-    Syscall(
+    )
+    async def get(self, p: IdParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.get``."""
+        space = _space(p.space, c)
+        return EntryResult(space=space, **await self.memory.get(c.uid, space, p.id))
+
+    @syscall(
         "memory.search",
         SearchParams,
         SearchResult,
         Permission.user,
-        _search,
         "Keyword search of a memory space, evicted entries included, best first.",
-    ),
-    Syscall(
+    )
+    async def search(self, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.search``."""
+        space = _space(p.space, c)
+        hits = await self.memory.search(c.uid, space, p.query, p.limit)
+        return SearchResult(space=space, hits=[Hit(**h) for h in hits])
+
+    @syscall(
         "memory.update",
         UpdateParams,
         EntryResult,
         Permission.user,
-        _update,
         "Change a memory entry's content, tags or pinning.",
-    ),
-    Syscall(
+    )
+    async def update(self, p: UpdateParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.update``."""
+        space = _space(p.space, c)
+        tags = list(p.tags) if p.tags is not None else None
+        out = await self.memory.update(c.uid, space, p.id, p.content, tags, p.pinned)
+        return EntryResult(space=space, **out)
+
+    @syscall(
         "memory.delete",
         IdParams,
         DeleteResult,
         Permission.user,
-        _delete,
         "Delete a memory entry (from RAM or storage).",
-    ),
-    Syscall(
+    )
+    async def delete(self, p: IdParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.delete``."""
+        space = _space(p.space, c)
+        await self.memory.delete(c.uid, space, p.id)
+        return DeleteResult(space=space, id=p.id, deleted=True)
+
+    @syscall(
         "memory.clear",
         ClearParams,
         ClearResult,
         Permission.user,
-        _clear,
         "Empty a memory space (pinned entries stay unless keep_pinned is false).",
-    ),
-)
+    )
+    async def clear(self, p: ClearParams, c: Caller, emit: Emit | None) -> Result:
+        """``memory.clear``."""
+        space = _space(p.space, c)
+        removed = await self.memory.clear(c.uid, space, p.keep_pinned)
+        return ClearResult(space=space, removed=removed)

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import grp
-import pwd
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from aiosd.errors import InvalidParams, NotFound, PermissionDenied
-from aiosd.kernel.syscall_base import BusBinary, Emit, NoParams, Params, Result, Syscall
+from aiosd.kernel.syscall_base import BusBinary, Emit, NoParams, Params, Result, syscall
 from aiosd.managers.access import Caller, Permission
-
-if TYPE_CHECKING:
-    from aiosd.kernel.kernel import Kernel
+from aiosd.managers.storage import StorageManager
+from aiosd.managers.users import UserDirectory
 
 Collection = Annotated[
     str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -216,11 +214,19 @@ class ShareWithMode(ShareParams):
     mode: Literal["read"] = "read"
 
 
+class Share(BaseModel):
+    """One group a collection is shared with."""
+
+    group: str
+    gid: int
+    mode: str
+
+
 class ShareResult(Result):
     """Result of ``storage.share`` and ``storage.unshare``: the collection's shares now."""
 
     collection: str
-    shares: list[dict[str, Any]]
+    shares: list[Share]
 
 
 class UsageResult(Result):
@@ -244,247 +250,247 @@ class SetQuotaParams(Params):
 # --- handlers --------------------------------------------------------------------------------
 
 
-def _uid_of(owner: int | str) -> int:
-    if isinstance(owner, int):
-        return owner
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        raise InvalidParams(f"invalid params: no user named {owner!r}") from None
+class StorageSyscalls:
+    """Handlers of ``storage.*``: the storage manager, the user directory, the value limit."""
 
+    def __init__(
+        self, storage: StorageManager, users: UserDirectory, max_value_bytes: Callable[[], int]
+    ) -> None:
+        self.storage = storage
+        self.users = users
+        #: Read at each put: a reload changes it live.
+        self.max_value_bytes = max_value_bytes
 
-async def _readable(k: Kernel, c: Caller, owner: int | str | None, collection: str) -> int:
-    """The uid whose store to read: the caller's own, or an owner who shared ``collection``."""
-    if owner is None:
-        return c.uid
-    uid = _uid_of(owner)
-    if uid == c.uid:
+    async def _uid_of(self, owner: int | str) -> int:
+        if isinstance(owner, int):
+            return owner
+        uid = await self.users.uid_of(owner)
+        if uid is None:
+            raise InvalidParams(f"invalid params: no user named {owner!r}")
         return uid
-    return await _shared_by(k, c, uid, collection)
 
+    async def _readable(self, c: Caller, owner: int | str | None, collection: str) -> int:
+        """The uid whose store to read: the caller's own, or an owner who shared it."""
+        if owner is None:
+            return c.uid
+        uid = await self._uid_of(owner)
+        if uid == c.uid:
+            return uid
+        return await self._shared_by(c, uid, collection)
 
-async def _shared_by(k: Kernel, c: Caller, uid: int, collection: str) -> int:
-    """``uid`` (another user) if it shared ``collection`` with one of the caller's groups."""
-    groups = c.groups | {c.gid}
-    if await k.storage.run_existing(uid, lambda s: s.shared_with(collection, groups), False):
-        return uid
-    # Exactly what a missing entry says: whether the owner has such data is not leaked.
-    raise NotFound(f"no collection {collection!r} readable by you for uid {uid}")
+    async def _shared_by(self, c: Caller, uid: int, collection: str) -> int:
+        """``uid`` (another user) if it shared ``collection`` with one of the caller's groups."""
+        groups = c.groups | {c.gid}
+        if await self.storage.run_existing(uid, lambda s: s.shared_with(collection, groups), False):
+            return uid
+        # Exactly what a missing entry says: whether the owner has such data is not leaked.
+        raise NotFound(f"no collection {collection!r} readable by you for uid {uid}")
 
-
-async def _put(k: Kernel, p: PutParams, c: Caller, emit: Emit | None) -> Result:
-    raw = p.raw()
-    limit = k.config.storage.max_value_bytes
-    if len(raw) > limit:
-        raise InvalidParams(
-            f"invalid params: value: {len(raw)} bytes, more than storage.max_value_bytes ({limit})",
-            data={"errors": [{"field": "value", "message": f"larger than {limit} bytes"}]},
-        )
-    is_text = p.encoding == "text"
-    meta = p.metadata or {}
-    out = await k.storage.run(c.uid, lambda s: s.put(p.collection, p.key, raw, is_text, meta))
-    return PutResult(**out)
-
-
-async def _get(k: Kernel, p: GetParams, c: Caller, emit: Emit | None) -> Result:
-    uid = await _readable(k, c, p.owner, p.collection)
-    row = await k.storage.run(uid, lambda s: s.get(p.collection, p.key, p.version))
-    value: bytes = row.pop("value")
-    is_text = row.pop("is_text")
-    return GetResult(
-        **row,
-        value=value.decode("utf-8") if is_text else base64.b64encode(value).decode("ascii"),
-        encoding="text" if is_text else "base64",
-    )
-
-
-async def _list(k: Kernel, p: ListParams, c: Caller, emit: Emit | None) -> Result:
-    uid = await _readable(k, c, p.owner, p.collection)
-    out = await k.storage.run(uid, lambda s: s.list_keys(p.collection, p.prefix, p.limit, p.after))
-    return ListResult(**out)
-
-
-async def _delete(k: Kernel, p: KeyParams, c: Caller, emit: Emit | None) -> Result:
-    if p.purge:
-        await k.storage.run(c.uid, lambda s: s.purge(p.collection, p.key))
-        return DeleteResult(collection=p.collection, key=p.key, version=0, deleted=True)
-    return DeleteResult(**await k.storage.run(c.uid, lambda s: s.delete(p.collection, p.key)))
-
-
-async def _history(k: Kernel, p: HistoryParams, c: Caller, emit: Emit | None) -> Result:
-    uid = await _readable(k, c, p.owner, p.collection)
-    return HistoryResult(**await k.storage.run(uid, lambda s: s.history(p.collection, p.key)))
-
-
-async def _rollback(k: Kernel, p: RollbackParams, c: Caller, emit: Emit | None) -> Result:
-    out = await k.storage.run(c.uid, lambda s: s.rollback(p.collection, p.key, p.version, p.at))
-    return PutResult(**out)
-
-
-async def _search(k: Kernel, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
-    meta = p.metadata or {}
-    uid = c.uid if p.owner is None else _uid_of(p.owner)
-    if uid != c.uid:
-        if p.collection is None:
-            raise InvalidParams(
-                "invalid params: collection: required to search another user's shared collection"
-            )
-        uid = await _shared_by(k, c, uid, p.collection)
-    collections = [p.collection] if p.collection is not None else None
-    if collections is None:
-        # Everything of the caller's own except the daemon's reserved collections.
-        collections = [
-            n for n in await k.storage.run(uid, lambda s: s.collections()) if not n.startswith("_")
-        ]
-        if not collections:
-            return SearchResult(hits=[])
-    hits = await k.storage.run(
-        uid, lambda s: s.search(p.query, collections, meta, p.limit, p.offset)
-    )
-    return SearchResult(hits=[Hit(**h) for h in hits])
-
-
-def _gid_named(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise InvalidParams(f"invalid params: group: no group named {name!r}") from None
-
-
-def _group_of(c: Caller, name: str) -> int:
-    gid = _gid_named(name)
-    if not c.in_group(gid):
-        raise PermissionDenied(f"you may share only with groups you belong to; not {name!r}")
-    return gid
-
-
-async def _share(k: Kernel, p: ShareWithMode, c: Caller, emit: Emit | None) -> Result:
-    gid = _group_of(c, p.group)
-    await k.storage.run(c.uid, lambda s: s.share(p.collection, gid, p.mode))
-    return await _shares(k, c, p.collection)
-
-
-async def _unshare(k: Kernel, p: ShareParams, c: Caller, emit: Emit | None) -> Result:
-    gid = _gid_named(p.group)
-    if not await k.storage.run(c.uid, lambda s: s.unshare(p.collection, gid)):
-        raise NotFound(f"collection {p.collection!r} is not shared with {p.group!r}")
-    return await _shares(k, c, p.collection)
-
-
-async def _shares(k: Kernel, c: Caller, collection: str) -> ShareResult:
-    rows = await k.storage.run(c.uid, lambda s: s.shares())
-    mine = [
-        {"group": _group_name(r["gid"]), "gid": r["gid"], "mode": r["mode"]}
-        for r in rows
-        if r["collection"] == collection
-    ]
-    return ShareResult(collection=collection, shares=mine)
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-async def _usage(k: Kernel, p: NoParams, c: Caller, emit: Emit | None) -> Result:
-    return UsageResult(uid=c.uid, **await k.storage.run(c.uid, lambda s: s.usage()))
-
-
-async def _set_quota(k: Kernel, p: SetQuotaParams, c: Caller, emit: Emit | None) -> Result:
-    uid = _uid_of(p.user)
-    out = await k.storage.run(uid, lambda s: s.set_quota(p.quota_bytes, p.quota_entries))
-    return UsageResult(uid=uid, **out)
-
-
-SYSCALLS = (
-    Syscall(
+    @syscall(
         "storage.put",
         PutParams,
         PutResult,
         Permission.user,
-        _put,
         "Store a value as the key's newest version (text, or base64 for binary).",
-    ),
-    Syscall(
+    )
+    async def put(self, p: PutParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.put``."""
+        raw = p.raw()
+        limit = self.max_value_bytes()
+        if len(raw) > limit:
+            raise InvalidParams(
+                f"invalid params: value: {len(raw)} bytes, more than storage.max_value_bytes "
+                f"({limit})",
+                data={"errors": [{"field": "value", "message": f"larger than {limit} bytes"}]},
+            )
+        is_text = p.encoding == "text"
+        meta = p.metadata or {}
+        out = await self.storage.run(
+            c.uid, lambda s: s.put(p.collection, p.key, raw, is_text, meta)
+        )
+        return PutResult(**out)
+
+    @syscall(
         "storage.get",
         GetParams,
         GetResult,
         Permission.user,
-        _get,
         "Read a key's current value or a given version (own, or shared with you).",
-    ),
-    Syscall(
+    )
+    async def get(self, p: GetParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.get``."""
+        uid = await self._readable(c, p.owner, p.collection)
+        row = await self.storage.run(uid, lambda s: s.get(p.collection, p.key, p.version))
+        value = row["value"]
+        is_text = row["is_text"]
+        return GetResult(
+            collection=row["collection"],
+            key=row["key"],
+            version=row["version"],
+            value=value.decode("utf-8") if is_text else base64.b64encode(value).decode("ascii"),
+            encoding="text" if is_text else "base64",
+            metadata=row["metadata"],
+            size=row["size"],
+            created=row["created"],
+        )
+
+    @syscall(
         "storage.list",
         ListParams,
         ListResult,
         Permission.user,
-        _list,
         "List a collection's keys by prefix, a page at a time.",
-    ),
-    Syscall(
+    )
+    async def list_keys(self, p: ListParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.list``."""
+        uid = await self._readable(c, p.owner, p.collection)
+        out = await self.storage.run(
+            uid, lambda s: s.list_keys(p.collection, p.prefix, p.limit, p.after)
+        )
+        return ListResult(entries=[ListEntry(**e) for e in out["entries"]], next=out["next"])
+
+    @syscall(
         "storage.delete",
         KeyParams,
         DeleteResult,
         Permission.user,
-        _delete,
         "Delete a key; its history stays (a rollback restores it) unless purge is set.",
-    ),
-    Syscall(
+    )
+    async def delete(self, p: KeyParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.delete``."""
+        if p.purge:
+            await self.storage.run(c.uid, lambda s: s.purge(p.collection, p.key))
+            return DeleteResult(collection=p.collection, key=p.key, version=0, deleted=True)
+        out = await self.storage.run(c.uid, lambda s: s.delete(p.collection, p.key))
+        return DeleteResult(**out)
+
+    @syscall(
         "storage.search",
         SearchParams,
         SearchResult,
         Permission.user,
-        _search,
         "Full-text search (BM25) over text values and metadata.",
-    ),
-    Syscall(
+    )
+    async def search(self, p: SearchParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.search``."""
+        meta = p.metadata or {}
+        uid = c.uid if p.owner is None else await self._uid_of(p.owner)
+        if uid != c.uid:
+            if p.collection is None:
+                raise InvalidParams(
+                    "invalid params: collection: required to search another user's shared "
+                    "collection"
+                )
+            uid = await self._shared_by(c, uid, p.collection)
+        collections = [p.collection] if p.collection is not None else None
+        if collections is None:
+            # Everything of the caller's own except the daemon's reserved collections.
+            names = await self.storage.run(uid, lambda s: s.collections())
+            collections = [n for n in names if not n.startswith("_")]
+            if not collections:
+                return SearchResult(hits=[])
+        hits = await self.storage.run(
+            uid, lambda s: s.search(p.query, collections, meta, p.limit, p.offset)
+        )
+        return SearchResult(hits=[Hit(**h) for h in hits])
+
+    @syscall(
         "storage.history",
         HistoryParams,
         HistoryResult,
         Permission.user,
-        _history,
         "List a key's kept versions with times and sizes.",
-    ),
-    Syscall(
+    )
+    async def history(self, p: HistoryParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.history``."""
+        uid = await self._readable(c, p.owner, p.collection)
+        out = await self.storage.run(uid, lambda s: s.history(p.collection, p.key))
+        return HistoryResult(
+            collection=out["collection"],
+            key=out["key"],
+            versions=[VersionInfo(**v) for v in out["versions"]],
+        )
+
+    @syscall(
         "storage.rollback",
         RollbackParams,
         PutResult,
         Permission.user,
-        _rollback,
         "Make an older version (or the version at a time) current, as a new version.",
-    ),
-    Syscall(
+    )
+    async def rollback(self, p: RollbackParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.rollback``."""
+        out = await self.storage.run(
+            c.uid, lambda s: s.rollback(p.collection, p.key, p.version, p.at)
+        )
+        return PutResult(**out)
+
+    async def _gid_named(self, name: str) -> int:
+        gid = await self.users.gid_of(name)
+        if gid is None:
+            raise InvalidParams(f"invalid params: group: no group named {name!r}")
+        return gid
+
+    @syscall(
         "storage.share",
         ShareWithMode,
         ShareResult,
         Permission.user,
-        _share,
         "Let members of one of your groups read a collection.",
-    ),
-    Syscall(
+    )
+    async def share(self, p: ShareWithMode, c: Caller, emit: Emit | None) -> Result:
+        """``storage.share``."""
+        gid = await self._gid_named(p.group)
+        if not c.in_group(gid):
+            raise PermissionDenied(f"you may share only with groups you belong to; not {p.group!r}")
+        await self.storage.run(c.uid, lambda s: s.share(p.collection, gid, p.mode))
+        return await self._shares(c, p.collection)
+
+    @syscall(
         "storage.unshare",
         ShareParams,
         ShareResult,
         Permission.user,
-        _unshare,
         "Revoke a group's access to a collection, at once.",
-    ),
-    Syscall(
-        "storage.usage",
-        NoParams,
-        UsageResult,
-        Permission.user,
-        _usage,
-        "Your storage use and quotas.",
-    ),
-    Syscall(
+    )
+    async def unshare(self, p: ShareParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.unshare``."""
+        gid = await self._gid_named(p.group)
+        if not await self.storage.run(c.uid, lambda s: s.unshare(p.collection, gid)):
+            raise NotFound(f"collection {p.collection!r} is not shared with {p.group!r}")
+        return await self._shares(c, p.collection)
+
+    async def _shares(self, c: Caller, collection: str) -> ShareResult:
+        rows = await self.storage.run(c.uid, lambda s: s.shares())
+        mine = []
+        for r in rows:
+            if r["collection"] == collection:
+                name = await self.users.group_name(r["gid"])
+                mine.append(
+                    Share(
+                        group=name if name is not None else str(r["gid"]),
+                        gid=r["gid"],
+                        mode=r["mode"],
+                    )
+                )
+        return ShareResult(collection=collection, shares=mine)
+
+    @syscall(
+        "storage.usage", NoParams, UsageResult, Permission.user, "Your storage use and quotas."
+    )
+    async def usage(self, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.usage``."""
+        return UsageResult(uid=c.uid, **await self.storage.run(c.uid, lambda s: s.usage()))
+
+    @syscall(
         "storage.set_quota",
         SetQuotaParams,
         UsageResult,
         Permission.admin,
-        _set_quota,
         "Set a user's storage quotas (administrators).",
-    ),
-)
+    )
+    async def set_quota(self, p: SetQuotaParams, c: Caller, emit: Emit | None) -> Result:
+        """``storage.set_quota``."""
+        uid = await self._uid_of(p.user)
+        out = await self.storage.run(uid, lambda s: s.set_quota(p.quota_bytes, p.quota_entries))
+        return UsageResult(uid=uid, **out)

@@ -8,8 +8,9 @@ at once.  The daemon starts even when Ollama is down: ``start`` only logs a warn
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -39,21 +40,15 @@ def to_ollama_message(message: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_ollama_tool(spec: Mapping[str, Any]) -> ollama.Tool:
-    """Wrap a tool spec so its JSON schema reaches the server unchanged.
-
-    ``ollama.Tool`` validation keeps only a few keys of each parameter (nested ``properties``,
-    ``minimum``, ``format`` ... are dropped), so the model is built without validation.
-    """
+def to_ollama_tool(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool spec in the shape of Ollama's ``tools`` field, its JSON schema unchanged."""
     function = dict(spec.get("function") or {})
-    return ollama.Tool.model_construct(
-        type=spec.get("type", "function"),
-        function=ollama.Tool.Function.model_construct(
-            name=function.get("name"),
-            description=function.get("description"),
-            parameters=function.get("parameters"),
-        ),
-    )
+    out: dict[str, Any] = {"name": function.get("name")}
+    if function.get("description"):
+        out["description"] = function["description"]
+    if function.get("parameters") is not None:
+        out["parameters"] = function["parameters"]
+    return {"type": spec.get("type", "function"), "function": out}
 
 
 def tool_calls_of(message: ollama.Message | None) -> list[dict[str, Any]]:
@@ -67,13 +62,19 @@ def tool_calls_of(message: ollama.Message | None) -> list[dict[str, Any]]:
 
 
 class OllamaBackend(Backend):
-    """A model on an Ollama server, reached with the official ``ollama`` client."""
+    """A model on an Ollama server: the official ``ollama`` client, chats streamed over httpx."""
 
     def __init__(self, name: str, cfg: OllamaModelConfig) -> None:
         super().__init__(name, cfg.slots)
         self.cfg = cfg
         self.model = cfg.model or name
         self._client = ollama.AsyncClient(host=cfg.host, timeout=cfg.timeout)
+        #: Streamed chats go over httpx directly (see :meth:`chat`).
+        self._http = httpx.AsyncClient(
+            base_url=cfg.host,
+            timeout=cfg.timeout,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
 
     async def start(self) -> None:
         """Check once that the server answers and lists the model; only warn if not."""
@@ -104,6 +105,7 @@ class OllamaBackend(Backend):
         """Close the HTTP client."""
         try:
             await self._client.close()  # type: ignore[no-untyped-call]  # unannotated upstream
+            await self._http.aclose()
         except Exception as exc:  # noqa: BLE001 - shutdown must go on
             log.debug("closing the Ollama client failed: %s", exc)
 
@@ -118,13 +120,32 @@ class OllamaBackend(Backend):
         )
 
     async def chat(self, request: ChatRequest, slot: int) -> AsyncGenerator[ChatChunk, None]:
-        """Stream one answer from ``/api/chat``; the HTTP stream is closed on cancellation."""
-        stream = await self._open(request)
+        """Stream one answer from ``/api/chat``; the HTTP stream is closed on cancellation.
+
+        The stream is read here rather than through the client library's iterator: closed
+        early, that iterator leaves httpx's line iterators suspended for the garbage
+        collector.  Here an early end closes the response, then reads the line iterator
+        once more, so that every iterator beneath it ends on the closed stream.
+        """
         saw_tool_calls = False
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(
+                    self._http.stream("POST", "/api/chat", json=self._body(request))
+                )
+                if response.is_error:
+                    await response.aread()
+                    raise ollama.ResponseError(response.text, response.status_code)
+            except Exception as exc:
+                raise self._translate(exc) from exc
+            lines = response.aiter_lines()
+            stack.push_async_callback(_end_lines, response, lines)
             while True:
                 try:
-                    part = await stream.__anext__()
+                    line = await lines.__anext__()
+                    if not line:
+                        continue
+                    part = _part(line)
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
@@ -150,46 +171,27 @@ class OllamaBackend(Backend):
                 "final message",
                 data=self._data(),
             )
-        finally:
-            await self._close_stream(stream)
 
-    async def _open(self, request: ChatRequest) -> AsyncIterator[ollama.ChatResponse]:
-        """Build the request and get the (not yet started) response stream."""
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body of a streamed ``/api/chat`` request (Ollama's documented fields)."""
         options: dict[str, Any] = {
             "temperature": request.temperature,
             "num_predict": request.max_tokens or self.cfg.max_tokens,
         }
         if request.seed is not None:
             options["seed"] = request.seed
-        try:
-            messages = [to_ollama_message(m) for m in request.messages]
-            tools = [to_ollama_tool(t) for t in request.tools] if request.tools else None
-            with warnings.catch_warnings():
-                # The unvalidated tool schemas make pydantic warn while serializing them.
-                warnings.filterwarnings(
-                    "ignore", message="Pydantic serializer warnings", category=UserWarning
-                )
-                return await self._client.chat(
-                    model=self.model,
-                    messages=messages,
-                    tools=tools,
-                    stream=True,
-                    format=request.response_schema or None,
-                    options=options,
-                )
-        except Exception as exc:
-            raise self._translate(exc) from exc
-
-    @staticmethod
-    async def _close_stream(stream: AsyncIterator[ollama.ChatResponse]) -> None:
-        """Close the response stream (and so the HTTP response) if it is still open."""
-        aclose = getattr(stream, "aclose", None)
-        if aclose is None:
-            return
-        try:
-            await aclose()
-        except Exception as exc:  # noqa: BLE001 - closing is best effort
-            log.debug("closing an Ollama stream failed: %s", exc)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [to_ollama_message(m) for m in request.messages],
+            "stream": True,
+            "options": options,
+        }
+        if request.tools:
+            # Sent as given: the JSON schema of each tool reaches the server unchanged.
+            body["tools"] = [to_ollama_tool(t) for t in request.tools]
+        if request.response_schema:
+            body["format"] = request.response_schema
+        return body
 
     def _data(self) -> dict[str, Any]:
         return {"host": self.cfg.host, "model": self.model}
@@ -230,3 +232,18 @@ class OllamaBackend(Backend):
             f"unexpected answer from Ollama at {host}: {type(exc).__name__}: {exc}",
             data=self._data(),
         )
+
+
+def _part(line: str) -> ollama.ChatResponse:
+    """One line of the stream as a response part; an ``error`` line raises ResponseError."""
+    raw = json.loads(line)
+    if isinstance(raw, dict) and (err := raw.get("error")):
+        raise ollama.ResponseError(str(err))
+    return ollama.ChatResponse.model_validate(raw)
+
+
+async def _end_lines(response: httpx.Response, lines: AsyncIterator[str]) -> None:
+    """Close the response, then let the line iterator (and those beneath it) end on it."""
+    await response.aclose()
+    with contextlib.suppress(Exception, StopAsyncIteration):
+        await lines.__anext__()

@@ -224,8 +224,11 @@ def test_start_warns_about_a_model_the_server_lacks(
 
 
 def test_stub_answers_non_streaming_requests_like_ollama(stub: OllamaStub) -> None:
+    # Made before the loop runs, as the daemon makes its clients: building one loads TLS
+    # certificates, tens of milliseconds of CPU that would hold the loop.
+    client = ollama.AsyncClient(host=stub.url)
+
     async def body() -> ollama.ChatResponse:
-        client = ollama.AsyncClient(host=stub.url)
         try:
             tools = [{"type": "function", "function": {"name": "weather"}}]
             return await client.chat(model="stub", messages=HELLO, tools=tools, stream=False)

@@ -1,0 +1,150 @@
+"""The ``system.*`` syscalls: what the daemon is doing, for anyone with a role."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Protocol
+
+from pydantic import BaseModel
+
+from aiosd import __version__
+from aiosd.kernel.llm.registry import Models
+from aiosd.kernel.scheduler import Scheduler
+from aiosd.kernel.syscall_base import Emit, NoParams, Result, syscall
+from aiosd.managers.access import AccessManager, Caller, Permission
+
+State = Literal["starting", "running", "reloading", "stopping"]
+
+
+class RunningEntry(BaseModel):
+    """A request holding a slot."""
+
+    request_id: int
+    uid: int
+    pid: int
+    priority: str
+    slot: int | None
+    waited_ms: float
+    running_ms: float
+
+
+class WaitingEntry(BaseModel):
+    """A request waiting for a slot, at ``position`` in its model's queue."""
+
+    request_id: int
+    position: int
+    uid: int
+    pid: int
+    priority: str
+    waited_ms: float
+
+
+class QueueModel(BaseModel):
+    """One model's queue."""
+
+    model: str
+    slots: int
+    served: int
+    running: list[RunningEntry]
+    waiting: list[WaitingEntry]
+
+
+class QueueResult(Result):
+    """Result of ``system.queue``: running and waiting requests per model."""
+
+    models: list[QueueModel]
+
+
+class StatusResult(Result):
+    """Result of ``system.status``."""
+
+    version: str
+    pid: int
+    uptime_s: float
+    state: State
+    models: list[str]
+    default_model: str
+    running: int
+    waiting: int
+    connections: int
+    caller_uid: int
+    caller_role: str
+
+
+class DaemonState(Protocol):
+    """What the system syscalls read of the kernel itself."""
+
+    @property
+    def state(self) -> State:
+        """Where the kernel is in its life."""
+
+    @property
+    def started_at(self) -> float:
+        """When it started (``time.monotonic()``)."""
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process id."""
+
+    @property
+    def connections(self) -> int:
+        """Open client connections, over every front-end."""
+
+
+class SystemSyscalls:
+    """Handlers of ``system.*``: they read the kernel's state, queue, models and access."""
+
+    def __init__(
+        self, daemon: DaemonState, scheduler: Scheduler, models: Models, access: AccessManager
+    ) -> None:
+        self.daemon = daemon
+        self.scheduler = scheduler
+        self.models = models
+        self.access = access
+
+    @syscall(
+        "system.status",
+        NoParams,
+        StatusResult,
+        Permission.user,
+        "Version, uptime, models and queue totals.",
+    )
+    def status(self, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+        """``system.status``."""
+        running, waiting = self.scheduler.totals()
+        d = self.daemon
+        return StatusResult(
+            version=__version__,
+            pid=d.pid,
+            uptime_s=round(time.monotonic() - d.started_at, 3),
+            state=d.state,
+            models=self.models.names(),
+            default_model=self.models.default,
+            running=running,
+            waiting=waiting,
+            connections=d.connections,
+            caller_uid=c.uid,
+            caller_role=self.access.role(c).value,
+        )
+
+    @syscall(
+        "system.queue",
+        NoParams,
+        QueueResult,
+        Permission.user,
+        "Running and waiting LLM requests per model, in queue order.",
+    )
+    def queue(self, p: NoParams, c: Caller, emit: Emit | None) -> Result:
+        """``system.queue``."""
+        return QueueResult(
+            models=[
+                QueueModel(
+                    model=name,
+                    slots=v["slots"],
+                    served=v["served"],
+                    running=[RunningEntry(**r) for r in v["running"]],
+                    waiting=[WaitingEntry(**w) for w in v["waiting"]],
+                )
+                for name, v in self.scheduler.view().items()
+            ]
+        )
