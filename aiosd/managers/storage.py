@@ -5,10 +5,15 @@ reached through that user's file, so no query can cross users by mistake; a quot
 file's own accounting; a damaged file affects one user; deleting or backing up a user is one
 file.  Sharing opens the owner's file for reading after checking its ``shares`` table.
 
-Every store runs in its own thread (SQLite connections stay in the thread that made them), so
-SQLite never blocks the event loop.  Writes commit before the reply: in WAL mode an
-acknowledged write survives the daemon being killed; ``durability = "full"`` also syncs the
-WAL at every commit, which survives power loss.
+Stores run on a bounded pool of worker threads, so SQLite never blocks the event loop; each
+store's connection is used by one thread at a time (its jobs queue up), and at most
+``max_open_stores`` stores are open at once (the least recently used idle one is closed to
+make room).  Writes commit before the reply: in WAL mode an acknowledged write survives the
+daemon being killed; ``durability = "full"`` also syncs the WAL at every commit, which
+survives power loss.
+
+A file records its schema version in ``PRAGMA user_version``; :data:`MIGRATIONS` bring an
+older file up to date, one transaction each, and a newer file is refused untouched.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
-from aiosd.errors import InvalidParams, NotFound, QuotaExceeded, ShuttingDown
+from aiosd.errors import AiosError, InvalidParams, NotFound, QuotaExceeded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,117 @@ CREATE TRIGGER IF NOT EXISTS usage_key_removed AFTER DELETE ON heads
     BEGIN UPDATE usage SET entries = entries - 1 WHERE id = 1; END;
 """
 
+#: Schema migrations in order: entry ``n - 1`` takes a file from version ``n - 1`` to ``n``.
+#: Version 0 is a new file or one written before versions were stamped; SCHEMA's
+#: ``IF NOT EXISTS`` leaves such a file's tables as they are (and adds what an older build
+#: lacked, such as the usage counters), so it becomes version 1 with its data unchanged.
+MIGRATIONS: tuple[str, ...] = (SCHEMA,)
+
+#: SQLite releases the GIL while it works and while it waits for the disk, so a few more
+#: workers than CPUs keep both busy (the standard library's default for I/O-bound pools).
+WORKERS = min(32, (os.cpu_count() or 1) + 4)
+#: Jobs of one store a worker runs in a row before it goes back to the end of the pool's
+#: queue, so one user's backlog cannot keep the workers from the others.
+BATCH = 8
+
+
+class Usage(TypedDict):
+    """Bytes (all versions kept) and entries (live keys) in use, with the quotas."""
+
+    used_bytes: int
+    used_entries: int
+    quota_bytes: int
+    quota_entries: int
+
+
+class Written(TypedDict):
+    """The version a put made."""
+
+    collection: str
+    key: str
+    version: int
+    size: int
+    created: float
+
+
+class RolledBack(Written):
+    """The version a rollback made, and the version it copied."""
+
+    from_version: int
+
+
+class StoredValue(TypedDict):
+    """One version's value (bytes, text if ``is_text``) and metadata."""
+
+    collection: str
+    key: str
+    version: int
+    value: bytes
+    is_text: bool
+    metadata: dict[str, Any]
+    size: int
+    created: float
+
+
+class KeyInfo(TypedDict):
+    """One live key of a listing; ``updated`` is when its current version was made."""
+
+    key: str
+    version: int
+    size: int
+    updated: float
+
+
+class KeyPage(TypedDict):
+    """A page of keys; ``next`` is the ``after`` of the next page (None: the last page)."""
+
+    entries: list[KeyInfo]
+    next: str | None
+
+
+class Deletion(TypedDict):
+    """The deletion marker a delete made (always ``deleted``)."""
+
+    collection: str
+    key: str
+    version: int
+    deleted: bool
+
+
+class VersionRecord(TypedDict):
+    """One kept version of a key (``deleted``: a deletion marker)."""
+
+    version: int
+    size: int
+    created: float
+    deleted: bool
+
+
+class KeyHistory(TypedDict):
+    """Every kept version of a key, oldest first."""
+
+    collection: str
+    key: str
+    versions: list[VersionRecord]
+
+
+class SearchHit(TypedDict):
+    """One search hit; a higher score is a better match."""
+
+    collection: str
+    key: str
+    version: int
+    score: float
+    snippet: str
+
+
+class ShareGrant(TypedDict):
+    """One collection shared with one group."""
+
+    collection: str
+    gid: int
+    mode: str
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -108,58 +226,114 @@ def fts_query(text: str) -> str:
 
 
 class UserStore:
-    """One user's database.  Every method runs in the store's own thread."""
+    """One user's database; its connection is used by one thread at a time."""
 
     def __init__(self, path: Path, uid: int, durability: str, limits: Limits) -> None:
         self.path = path
         self.uid = uid
         self.limits = limits
         self.durability = durability
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"store-{uid}")
         self.db: sqlite3.Connection | None = None
 
     # --- opening --------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Open (creating if needed) and check the database; move a damaged one aside."""
+    def open(self, check: bool = True) -> None:
+        """Open the database, creating and migrating it as needed; ``check``: damaged goes aside."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.path.exists() and not self._healthy():
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(self.path) + suffix)
-                if src.exists():
-                    src.rename(Path(str(aside) + suffix))
+        version = 0
+        if self.path.exists():
+            found = self._inspect(check)
+            if found is None:
+                self._quarantine()
+            else:
+                version = found
+        if version > len(MIGRATIONS):
+            # A newer aiosd may have changed the tables in ways this code would damage.
             log.error(
-                "storage of uid %d failed its integrity check: moved %s aside to %s and "
-                "started an empty store; the old file is kept for recovery",
+                "storage of uid %d (%s) has schema version %d; this aiosd knows versions up "
+                "to %d: left untouched",
                 self.uid,
                 self.path,
-                aside,
+                version,
+                len(MIGRATIONS),
             )
-        self.db = self._connect()
-        self.db.executescript(SCHEMA)
-        os.chmod(self.path, 0o600)
+            raise AiosError(
+                f"storage of uid {self.uid} was written by a newer aiosd (schema version "
+                f"{version}; this one knows up to {len(MIGRATIONS)}): it is left untouched; "
+                "upgrade aiosd to use it"
+            )
+        db = self._connect()
+        try:
+            self._migrate(db, version)
+            os.chmod(self.path, 0o600)
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
 
     def _connect(self) -> sqlite3.Connection:
+        # Not bound to the opening thread: the store's job queue, not the thread, keeps one
+        # user of the connection at a time, on whichever pool worker is free.
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
         db.execute("PRAGMA busy_timeout = 5000")
         return db
 
-    def _healthy(self) -> bool:
+    def _inspect(self, check: bool) -> int | None:
+        """The file's schema version; None if it is damaged (only looked for with ``check``)."""
+        # Read before the connection proper, which switches the file to WAL: a file this code
+        # cannot read must not be changed at all.
         try:
             db = sqlite3.connect(self.path, isolation_level=None)
             try:
-                rows = db.execute("PRAGMA quick_check").fetchall()
+                if check and db.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
+                    return None
+                return int(db.execute("PRAGMA user_version").fetchone()[0])
             finally:
                 db.close()
         except sqlite3.DatabaseError:
-            return False
-        return rows == [("ok",)]
+            return None
+
+    def _quarantine(self) -> None:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                src.rename(Path(str(aside) + suffix))
+        log.error(
+            "storage of uid %d failed its integrity check: moved %s aside to %s and "
+            "started an empty store; the old file is kept for recovery",
+            self.uid,
+            self.path,
+            aside,
+        )
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Bring the file from ``version`` to the newest, one transaction per migration."""
+        for target in range(version + 1, len(MIGRATIONS) + 1):
+            # executescript commits any open transaction first, so the transaction is part of
+            # the script; the version is stamped inside it, together with the change.
+            script = MIGRATIONS[target - 1]
+            try:
+                db.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;"
+                )
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                log.error(
+                    "storage of uid %d: migrating %s to schema version %d failed; it stays at "
+                    "version %d",
+                    self.uid,
+                    self.path,
+                    target,
+                    target - 1,
+                )
+                raise
 
     def close(self) -> None:
-        """Close the database (in the store's thread)."""
+        """Close the database; the caller makes sure no other thread is using it."""
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -195,15 +369,15 @@ class UserStore:
         ).fetchone()[0]
         return last + 1
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> Usage:
         """Bytes (all versions kept) and entries (live keys) in use, with the quotas."""
         used_bytes, used_entries = self._db.execute(
             "SELECT bytes, entries FROM usage WHERE id = 1"
         ).fetchone()
         quota_bytes, quota_entries = self._quotas()
         return {
-            "used_bytes": used_bytes,
-            "used_entries": used_entries,
+            "used_bytes": int(used_bytes),
+            "used_entries": int(used_entries),
             "quota_bytes": quota_bytes,
             "quota_entries": quota_entries,
         }
@@ -219,7 +393,7 @@ class UserStore:
             int(rows.get("quota_entries", self.limits.quota_entries)),
         )
 
-    def set_quota(self, quota_bytes: int | None, quota_entries: int | None) -> dict[str, int]:
+    def set_quota(self, quota_bytes: int | None, quota_entries: int | None) -> Usage:
         """Set this user's quotas (admins only; checked by the caller)."""
         with self._tx():
             for name, value in (("quota_bytes", quota_bytes), ("quota_entries", quota_entries)):
@@ -238,7 +412,7 @@ class UserStore:
 
     def put(
         self, collection: str, key: str, value: bytes, is_text: bool, metadata: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> Written:
         """Store a new version; refuse (changing nothing) if it would exceed a quota."""
         size = len(value)
         now = time.time()
@@ -296,7 +470,7 @@ class UserStore:
             "created": now,
         }
 
-    def get(self, collection: str, key: str, version: int | None) -> dict[str, Any]:
+    def get(self, collection: str, key: str, version: int | None) -> StoredValue:
         """The current value, or a given version."""
         if version is None:
             row = self._head(collection, key)
@@ -309,20 +483,19 @@ class UserStore:
         if row is None:
             raise _not_found(collection, key, version)
         _, ver, value, is_text, meta, size, created = row
+        metadata: dict[str, Any] = json.loads(meta)
         return {
             "collection": collection,
             "key": key,
-            "version": ver,
+            "version": int(ver),
             "value": value,
             "is_text": bool(is_text),
-            "metadata": json.loads(meta),
-            "size": size,
-            "created": created,
+            "metadata": metadata,
+            "size": int(size),
+            "created": float(created),
         }
 
-    def list_keys(
-        self, collection: str, prefix: str, limit: int, after: str | None
-    ) -> dict[str, Any]:
+    def list_keys(self, collection: str, prefix: str, limit: int, after: str | None) -> KeyPage:
         """Live keys of a collection in key order, ``limit`` at a time after ``after``."""
         # Prefix as a range, so keys with LIKE/GLOB metacharacters need no escaping.
         hi = prefix + "\U0010ffff"
@@ -347,7 +520,7 @@ class UserStore:
             for r in self._db.execute("SELECT DISTINCT collection FROM heads ORDER BY collection")
         ]
 
-    def delete(self, collection: str, key: str) -> dict[str, Any]:
+    def delete(self, collection: str, key: str) -> Deletion:
         """Remove a key; its history stays (a rollback brings it back)."""
         with self._tx():
             head = self._head_id(collection, key)
@@ -381,7 +554,7 @@ class UserStore:
                 "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
             )
 
-    def history(self, collection: str, key: str) -> dict[str, Any]:
+    def history(self, collection: str, key: str) -> KeyHistory:
         """Every version kept, oldest first."""
         rows = self._db.execute(
             "SELECT version, size, created, deleted FROM versions "
@@ -400,7 +573,7 @@ class UserStore:
 
     def rollback(
         self, collection: str, key: str, version: int | None, at: float | None
-    ) -> dict[str, Any]:
+    ) -> RolledBack:
         """Make an old version current again, as a new version (nothing is lost)."""
         if version is None:
             row = self._db.execute(
@@ -425,7 +598,7 @@ class UserStore:
         metadata: dict[str, Any],
         limit: int,
         offset: int,
-    ) -> list[dict[str, Any]]:
+    ) -> list[SearchHit]:
         """BM25-ranked full-text search over text values and metadata."""
         sql = (
             "SELECT s.collection, s.key, v.version, bm25(search) AS score, "
@@ -475,7 +648,7 @@ class UserStore:
         ).fetchone()
         return row is not None
 
-    def shares(self) -> list[dict[str, Any]]:
+    def shares(self) -> list[ShareGrant]:
         """Every share of this user's collections."""
         return [
             {"collection": c, "gid": g, "mode": m}
@@ -507,40 +680,105 @@ def _not_found(collection: str, key: str, version: int | None) -> NotFound:
     return NotFound(f"no entry {what}")
 
 
-class StorageManager:
-    """Opens each user's store on first use and runs its work in the store's thread."""
+class _Serial:
+    """Runs one store's jobs one at a time, in order, on workers of a shared pool."""
 
-    def __init__(self, directory: Path, durability: str, limits: Limits) -> None:
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._jobs: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
+        self._mutex = threading.Lock()
+        self._scheduled = False
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Queue ``fn``; it runs after every job queued before it has ended."""
+        job: Future[T] = Future()
+        with self._mutex:
+            self._jobs.append((job, fn))
+            if self._scheduled:
+                return job
+            self._scheduled = True
+        self._pool.submit(self._drain)
+        return job
+
+    def _drain(self) -> None:
+        for _ in range(BATCH):
+            with self._mutex:
+                if not self._jobs:
+                    self._scheduled = False
+                    return
+                job, fn = self._jobs.popleft()
+            if not job.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            try:
+                result = fn()
+            except BaseException as exc:
+                job.set_exception(exc)
+            else:
+                job.set_result(result)
+        with self._mutex:
+            if not self._jobs:
+                self._scheduled = False
+                return
+        self._pool.submit(self._drain)
+
+
+@dataclass(eq=False)
+class _Open:
+    """An open store, the queue that gives its connection to one job at a time, and how many
+    calls hold it (a held store is not closed to make room)."""
+
+    store: UserStore
+    jobs: _Serial
+    holders: int = 0
+
+
+class StorageManager:
+    """Opens each user's store on first use, keeps the most recently used ones open, and
+    runs their work on a bounded pool of threads."""
+
+    def __init__(
+        self, directory: Path, durability: str, limits: Limits, max_open_stores: int = 64
+    ) -> None:
         self.directory = directory
         self.durability = durability
         self.limits = limits
-        self._stores: dict[int, UserStore] = {}
+        self.max_open_stores = max_open_stores
+        # A store runs on one worker at a time, so workers beyond the open stores stay idle.
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(max_open_stores, WORKERS), thread_name_prefix="store"
+        )
+        #: Open stores, least recently used first.
+        self._open: OrderedDict[int, _Open] = OrderedDict()
+        #: Opens under way: every first call of a uid awaits the same one.
+        self._opening: dict[int, asyncio.Task[_Open]] = {}
+        #: Closes under way; a uid's next open waits for its previous connection to end.
+        self._closing: dict[int, asyncio.Task[None]] = {}
+        #: Connections counted against ``max_open_stores``: open, being opened, being closed.
+        self._connections = 0
+        #: Uids whose file passed its integrity check in this run (a reopen skips it).
+        self._checked: set[int] = set()
+        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
     async def run(self, uid: int, fn: Callable[[UserStore], T]) -> T:
-        """Run ``fn(store)`` in ``uid``'s store thread, opening the store if needed."""
-        if self._closed:
-            raise ShuttingDown("storage is closed: the daemon is stopping")
-        store = self._stores.get(uid)
-        if store is None:
-            store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
-            try:
-                await asyncio.get_running_loop().run_in_executor(store.executor, store.open)
-            except BaseException:
-                store.executor.shutdown(wait=False)
-                raise
-            # Another call may have opened it meanwhile: keep the first, drop ours.
-            if uid in self._stores:
-                store.executor.submit(store.close)
-                store.executor.shutdown(wait=False)
-                store = self._stores[uid]
-            else:
-                self._stores[uid] = store
-        return await asyncio.get_running_loop().run_in_executor(store.executor, fn, store)
+        """Run ``fn(store)`` on a worker thread, alone on ``uid``'s store, opening it if needed."""
+        entry = await self._acquire(uid)
+        store = entry.store
+        try:
+            job = entry.jobs.submit(lambda: fn(store))
+        except BaseException:
+            self._release(entry)
+            raise
+        try:
+            # A caller that gives up cancels its job if it has not started; one that runs
+            # cannot be interrupted, but the store's later jobs (its close too) wait for it.
+            return await asyncio.wrap_future(job)
+        finally:
+            self._release(entry)
 
     def exists(self, uid: int) -> bool:
         """Whether ``uid`` has a store at all (without creating one)."""
-        return uid in self._stores or (self.directory / f"{uid}.sqlite").exists()
+        return uid in self._open or (self.directory / f"{uid}.sqlite").exists()
 
     async def run_existing(self, uid: int, fn: Callable[[UserStore], T], default: T) -> T:
         """:meth:`run` if ``uid`` has a store, else ``default`` (no store is created)."""
@@ -549,10 +787,117 @@ class StorageManager:
         return await self.run(uid, fn)
 
     async def close(self) -> None:
-        """Close every store and stop its thread."""
+        """Let the calls under way end, close every store and stop the worker threads."""
         self._closed = True
-        loop = asyncio.get_running_loop()
-        for store in list(self._stores.values()):
-            await loop.run_in_executor(store.executor, store.close)
-            store.executor.shutdown(wait=True)
-        self._stores.clear()
+        self._wake()
+        await asyncio.gather(*self._opening.values(), return_exceptions=True)
+        # A call holding a store has queued its job already (it does both in one step), so
+        # each close runs after the calls under way on that store.
+        for uid in list(self._open):
+            self._evict(uid)
+        await asyncio.gather(*self._closing.values())
+        # Every worker is idle now: joining them is immediate.
+        self._pool.shutdown(wait=True)
+
+    # --- open stores ------------------------------------------------------------------------
+
+    async def _acquire(self, uid: int) -> _Open:
+        """``uid``'s open store, held by the caller until :meth:`_release`."""
+        while True:
+            if self._closed:
+                raise ShuttingDown("storage is closed: the daemon is stopping")
+            entry = self._open.get(uid)
+            if entry is not None:
+                self._open.move_to_end(uid)
+                entry.holders += 1
+                return entry
+            task = self._opening.get(uid)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._open_store(uid))
+                self._opening[uid] = task
+            # Shielded: a caller that gives up must not cancel the open that others await.
+            # Once it is open, look again: it may have been closed to make room meanwhile.
+            await asyncio.shield(task)
+
+    def _release(self, entry: _Open) -> None:
+        entry.holders -= 1
+        if entry.holders == 0 and self._waiters:
+            self._wake()  # an idle store can be closed for one who waits for room
+
+    async def _open_store(self, uid: int) -> _Open:
+        try:
+            await self._reserve(uid)
+        except BaseException:
+            del self._opening[uid]
+            raise
+        try:
+            previous = self._closing.get(uid)
+            if previous is not None:
+                await previous
+            store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
+            jobs = _Serial(self._pool)
+            check = uid not in self._checked
+            await asyncio.wrap_future(jobs.submit(lambda: store.open(check)))
+        except BaseException:
+            del self._opening[uid]
+            self._connections -= 1
+            self._wake()
+            raise
+        del self._opening[uid]
+        self._checked.add(uid)
+        entry = _Open(store, jobs)
+        self._open[uid] = entry
+        return entry
+
+    async def _reserve(self, uid: int) -> None:
+        """Wait until one more store may open, closing the least recently used idle ones."""
+        told = False
+        while True:
+            if self._closed:
+                raise ShuttingDown("storage is closed: the daemon is stopping")
+            if self._connections < self.max_open_stores:
+                self._connections += 1
+                return
+            idle = next((u for u, e in self._open.items() if e.holders == 0), None)
+            if idle is not None:
+                self._evict(idle)
+            elif not told:
+                log.debug(
+                    "all %d open stores are in use: uid %d waits for one to be free "
+                    "([storage] max_open_stores)",
+                    self.max_open_stores,
+                    uid,
+                )
+                told = True
+            await self._changed()
+
+    def _evict(self, uid: int) -> None:
+        entry = self._open.pop(uid)
+        self._closing[uid] = asyncio.get_running_loop().create_task(self._close_store(uid, entry))
+
+    async def _close_store(self, uid: int, entry: _Open) -> None:
+        try:
+            # In the store's queue: after its last job, with no other thread on the connection.
+            await asyncio.wrap_future(entry.jobs.submit(entry.store.close))
+        except Exception:
+            log.exception("closing the storage of uid %d failed", uid)
+        finally:
+            del self._closing[uid]
+            self._connections -= 1
+            self._wake()
+
+    async def _changed(self) -> None:
+        """Wait until a store is released, closed or fails to open (or storage closes)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -29,11 +29,13 @@ def test_counters_follow_puts_prunes_deletes_purges_and_rollbacks(tmp_path: Path
     assert (use["used_bytes"], use["used_entries"]) == _recount(store)
     assert use["used_entries"] == 3  # a, b (restored), e
     store.close()
-    # An existing database without the counters gets them from a recount at open.
+    # A database written before the counters (and before schema versions: user_version 0)
+    # gets them from a recount at open.
     again = UserStore(tmp_path / "0.sqlite", 0, "normal", Limits(1 << 30, 1 << 20, 3))
     again.open()
     assert again.db is not None
     again.db.execute("DROP TABLE usage")
+    again.db.execute("PRAGMA user_version = 0")
     again.close()
     again.open()
     use = again.usage()
