@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from aiosd.errors import ContextTooLong
 
 if TYPE_CHECKING:
-    from aiosd.managers.memory import MemoryManager
+    from aiosd.managers.memory import MemoryEntry, MemoryManager
 
 TURN_TAG = "turn"
+
+#: What the caller's ``prepare`` makes of the fitted messages (a backend's prepared request).
+P = TypeVar("P")
 
 
 def session_space(session: str) -> str:
@@ -27,10 +30,10 @@ def session_space(session: str) -> str:
 
 
 @dataclass
-class Fitted:
+class Fitted(Generic[P]):
     """A session's messages, fitted to the context."""
 
-    prepared: Any
+    prepared: P
     replayed: int
     moved: int
     notes: list[str] = field(default_factory=list)
@@ -47,8 +50,8 @@ class ContextManager:
         uid: int,
         session: str,
         messages: list[dict[str, Any]],
-        prepare: Callable[[list[dict[str, Any]]], Awaitable[Any]],
-    ) -> Fitted:
+        prepare: Callable[[list[dict[str, Any]]], Awaitable[P]],
+    ) -> Fitted[P]:
         """Prepend the session's turns; move the oldest to storage until the prompt fits."""
         space = session_space(session)
         turns = [e for e in await self.memory.entries(uid, space) if TURN_TAG in e["tags"]]
@@ -88,8 +91,8 @@ class ContextManager:
         await self.memory.add(uid, space, reply, [TURN_TAG, "role:assistant"], False)
 
 
-def _role(entry: dict[str, Any]) -> str:
+def _role(entry: MemoryEntry) -> str:
     for tag in entry["tags"]:
         if tag.startswith("role:"):
-            return str(tag[5:])
+            return tag[5:]
     return "user"

@@ -5,30 +5,41 @@ the client chooses.  Every entry keeps the times of its last K accesses on one m
 logical clock (add, get and update are accesses; search is not).
 
 Budgets: entries and bytes per space, and bytes for the whole daemon.  After every add, update
-or reload, while a budget is exceeded one unpinned entry is evicted by LRU-K: the entry whose
-K-th most recent access is the oldest; entries with fewer than K accesses (infinite backward
-K-distance) go first, the least recently used of them first.  The entry being written is never
-its own victim.  If only pinned entries are left the write is refused (QuotaExceeded) and
-nothing changes.  Evicting moves the entry to the owner's storage, collection
-``_memory.<space>`` and key ``str(id)``: search still finds it there, and get or update brings
-it back into RAM.
+or reload, while a budget is exceeded one unpinned entry is evicted by LRU-K (planned in
+:mod:`aiosd.managers.lruk`): the entry whose K-th most recent access is the oldest; entries
+with fewer than K accesses (infinite backward K-distance) go first, the least recently used of
+them first.  The entry being written is never its own victim.  If only pinned entries are left
+the write is refused (QuotaExceeded) and nothing changes.  Evicting moves the entry to the
+owner's storage, collection ``_memory.<space>`` and key ``str(id)``: search still finds it
+there, and get or update brings it back into RAM.
 
 Spaces of different users never meet: every lookup is keyed by uid, so another user's id is
-simply not found.  One lock makes every operation atomic, storage writes included (the daemon
-budget may evict from any user's space).
+simply not found.
+
+Each user's calls run one at a time under that user's lock, storage I/O included, so every
+call is atomic for its user while one user's slow store delays no other user.  What all users
+share (the daemon's byte count, the logical clock, the choice of victims) is read and updated
+on the event loop with no await in between, which makes each such step atomic without a lock.
+The daemon budget may evict another user's entry; moving it takes that user's lock too, but
+only a lock that is free at that moment: a writer never waits for another user's lock while
+holding its own, so no two writers can wait for each other.  While a user's call is in
+progress, that user's entries are therefore not candidates for other users' writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import collections
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from aiosd.config import MemoryConfig
 from aiosd.errors import AiosError, InvalidParams, NotFound, QuotaExceeded
+from aiosd.managers import lruk
 from aiosd.managers.storage import StorageManager, UserStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,40 @@ RECENCY_HALF_LIFE = 50
 #: Candidates asked of the storage's full-text search per memory search (before filtering).
 STORED_CANDIDATES = 500
 _PAGE = 1000
+
+
+class MemoryEntry(TypedDict):
+    """An entry as callers see it; ``size`` is the content's length in UTF-8 bytes."""
+
+    id: int
+    content: str
+    tags: list[str]
+    pinned: bool
+    created: float
+    updated: float
+    size: int
+
+
+class WrittenEntry(MemoryEntry):
+    """An entry added, read or changed; ``evicted``: ids of its space moved to storage."""
+
+    evicted: list[int]
+
+
+class MemoryHit(MemoryEntry):
+    """One search hit, best first; ``evicted`` hits were found in storage."""
+
+    score: float
+    evicted: bool
+
+
+class MemoryStats(TypedDict):
+    """Totals over the daemon: bytes and entries in RAM, spaces holding entries."""
+
+    bytes: int
+    entries: int
+    spaces: int
+    budget_bytes: int
 
 
 def collection_of(space: str) -> str:
@@ -65,12 +110,17 @@ class _Entry:
     updated: float
     #: Logical times of the last K accesses, oldest first.
     accesses: list[int] = field(default_factory=list)
+    #: UTF-8 bytes of ``content``, kept by :meth:`set_content`: planning reads every entry's.
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return len(self.content.encode())
+    def __post_init__(self) -> None:
+        self.size = len(self.content.encode())
 
-    def public(self) -> dict[str, Any]:
+    def set_content(self, content: str) -> None:
+        self.content = content
+        self.size = len(content.encode())
+
+    def public(self) -> MemoryEntry:
         return {
             "id": self.id,
             "content": self.content,
@@ -80,6 +130,12 @@ class _Entry:
             "updated": self.updated,
             "size": self.size,
         }
+
+    def written(self, evicted: list[int]) -> WrittenEntry:
+        return WrittenEntry(**self.public(), evicted=evicted)
+
+    def hit(self, score: float, evicted: bool) -> MemoryHit:
+        return MemoryHit(**self.public(), score=round(score, 6), evicted=evicted)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -91,7 +147,7 @@ class _Entry:
         }
 
     @classmethod
-    def stored(cls, id_: int, row: dict[str, Any]) -> _Entry:
+    def stored(cls, id_: int, row: Mapping[str, Any]) -> _Entry:
         """Rebuild an entry from its storage row (``UserStore.get``)."""
         meta = row.get("metadata") or {}
         raw = row["value"]
@@ -119,7 +175,68 @@ class _Space:
     bytes: int = 0
 
 
-# --- work done in a user's store thread ------------------------------------------------------
+#: An entry as the planner names it: (uid, space, id).
+_Ref = tuple[int, str, int]
+
+
+def _ref(sp: _Space, e: _Entry) -> _Ref:
+    return (sp.uid, sp.name, e.id)
+
+
+def _candidate(sp: _Space, e: _Entry) -> lruk.Candidate[_Ref]:
+    return lruk.Candidate(_ref(sp, e), e.size, e.accesses, e.pinned)
+
+
+class _UserLock:
+    """A FIFO lock for one user's memory calls, with a :meth:`try_acquire` that never waits.
+
+    asyncio.Lock cannot say whether acquiring would wait (a released lock may already be
+    promised to a waiter that has not run yet), and the daemon budget must never wait for
+    another user's lock while it holds its own.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def free(self) -> bool:
+        """Neither held nor waited for."""
+        return not self._held and not self._waiters
+
+    def try_acquire(self) -> bool:
+        """Take the lock if that needs no waiting; whether it was taken."""
+        if not self.free:
+            return False
+        self._held = True
+        return True
+
+    async def acquire(self) -> None:
+        """Take the lock, after everyone who asked before."""
+        if self.try_acquire():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as the caller gave up: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Hand the lock to the first caller still waiting, else free it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._held = False
+
+
+# --- work done on a user's store -------------------------------------------------------------
 
 
 def _keys(s: UserStore, collection: str) -> list[str]:
@@ -137,7 +254,7 @@ def _max_id(s: UserStore, collection: str) -> int:
     return max((int(k) for k in _keys(s, collection) if k.isdigit()), default=0)
 
 
-def _load(s: UserStore, collection: str, id_: int) -> dict[str, Any] | None:
+def _load(s: UserStore, collection: str, id_: int) -> Mapping[str, Any] | None:
     try:
         return s.get(collection, str(id_), None)
     except NotFound:
@@ -158,12 +275,14 @@ def _purge(s: UserStore, collection: str, keep_pinned: bool) -> int:
     return removed
 
 
-def _stored_matches(s: UserStore, collection: str, query: str) -> list[tuple[int, dict[str, Any]]]:
+def _stored_matches(
+    s: UserStore, collection: str, query: str
+) -> list[tuple[int, Mapping[str, Any]]]:
     try:
         hits = s.search(query, [collection], {}, STORED_CANDIDATES, 0)
     except InvalidParams:
         return []
-    out: list[tuple[int, dict[str, Any]]] = []
+    out: list[tuple[int, Mapping[str, Any]]] = []
     for h in hits:
         if h["key"].isdigit():
             row = _load(s, collection, int(h["key"]))
@@ -193,9 +312,15 @@ class MemoryManager:
         self.storage = storage
         self.cfg = cfg
         self._spaces: dict[tuple[int, str], _Space] = {}
+        #: Bytes of the entries in RAM, over every space.
         self._total = 0
+        #: Bytes of victims being written to storage, still in ``_total`` until they are
+        #: out: planning counts them as gone, so two writers do not evict for one excess.
+        self._leaving = 0
         self._clock = 0
-        self._lock = asyncio.Lock()
+        #: Locks of users with a call in progress or waiting; a free lock holds no state, so
+        #: it is dropped and the table never outgrows the calls under way.
+        self._locks: dict[int, _UserLock] = {}
 
     def configure(self, cfg: MemoryConfig) -> None:
         """Apply new [memory] settings; smaller budgets take effect at the next write."""
@@ -205,10 +330,10 @@ class MemoryManager:
 
     async def add(
         self, uid: int, space: str, content: str, tags: list[str], pinned: bool
-    ) -> dict[str, Any]:
+    ) -> WrittenEntry:
         """Add an entry; returns it with ``evicted``: ids of this space moved to storage."""
         check_content(content, self.cfg.max_entry_bytes)
-        async with self._lock:
+        async with self._user(uid):
             sp = await self._space(uid, space)
             now = time.time()
             e = _Entry(sp.next_id, content, list(tags), pinned, now, now)
@@ -222,16 +347,16 @@ class MemoryManager:
                 if sp.next_id == e.id + 1:
                     sp.next_id = e.id
                 raise
-            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+            return e.written(self._ids_in(sp, evicted))
 
-    async def get(self, uid: int, space: str, id: int) -> dict[str, Any]:
+    async def get(self, uid: int, space: str, id: int) -> WrittenEntry:
         """An entry (an access); an evicted one is brought back into RAM, which may evict."""
-        async with self._lock:
+        async with self._user(uid):
             found = self._resident(uid, space, id)
             if found is not None:
                 e = found[1]
                 self._touch(e)
-                return {**e.public(), "evicted": []}
+                return e.written([])
             sp, e = await self._reload(uid, space, id)
             self._touch(e)
             try:
@@ -239,12 +364,12 @@ class MemoryManager:
             except QuotaExceeded:
                 # No room (only pinned entries left): serve it from storage, where it stays.
                 self._remove(sp, e)
-                return {**e.public(), "evicted": []}
+                return e.written([])
             except BaseException:
                 self._remove(sp, e)
                 raise
             await self._unstore(uid, space, id)
-            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+            return e.written(self._ids_in(sp, evicted))
 
     async def update(
         self,
@@ -254,18 +379,18 @@ class MemoryManager:
         content: str | None = None,
         tags: list[str] | None = None,
         pinned: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> WrittenEntry:
         """Change an entry (an access); refused, changing nothing, if it cannot fit."""
         if content is not None:
             check_content(content, self.cfg.max_entry_bytes)
-        async with self._lock:
+        async with self._user(uid):
             found = self._resident(uid, space, id)
             reloaded = found is None
             sp, e = found if found is not None else await self._reload(uid, space, id)
             before = (e.content, list(e.tags), e.pinned, e.updated, list(e.accesses))
             self._remove(sp, e)
             if content is not None:
-                e.content = content
+                e.set_content(content)
             if tags is not None:
                 e.tags = list(tags)
             if pinned is not None:
@@ -277,17 +402,18 @@ class MemoryManager:
                 evicted = await self._make_room(sp, e)
             except BaseException:
                 self._remove(sp, e)
-                e.content, e.tags, e.pinned, e.updated, e.accesses = before
+                old, e.tags, e.pinned, e.updated, e.accesses = before
+                e.set_content(old)
                 if not reloaded:
                     self._insert(sp, e)
                 raise
             if reloaded:
                 await self._unstore(uid, space, id)
-            return {**e.public(), "evicted": self._ids_in(sp, evicted)}
+            return e.written(self._ids_in(sp, evicted))
 
     async def delete(self, uid: int, space: str, id: int) -> None:
         """Delete an entry, from RAM or (if evicted) from storage."""
-        async with self._lock:
+        async with self._user(uid):
             found = self._resident(uid, space, id)
             if found is not None:
                 self._remove(*found)
@@ -297,7 +423,7 @@ class MemoryManager:
 
     async def clear(self, uid: int, space: str, keep_pinned: bool) -> int:
         """Remove a space's entries (pinned ones too unless ``keep_pinned``); returns how many."""
-        async with self._lock:
+        async with self._user(uid):
             removed = 0
             sp = self._spaces.get((uid, space))
             if sp is not None:
@@ -311,7 +437,7 @@ class MemoryManager:
             )
             return removed
 
-    async def search(self, uid: int, space: str, query: str, limit: int) -> list[dict[str, Any]]:
+    async def search(self, uid: int, space: str, query: str, limit: int) -> list[MemoryHit]:
         """Entries where every word occurs (case-insensitive) in content or tags, best first.
 
         Score: occurrences of the words × ``0.5 ** (accesses since the entry's last / 50)``.
@@ -324,17 +450,17 @@ class MemoryManager:
                 "invalid params: query: needs at least one word",
                 data={"errors": [{"field": "query", "message": "needs at least one word"}]},
             )
-        async with self._lock:
+        async with self._user(uid):
             now = self._clock
-            hits: list[dict[str, Any]] = []
+            hits: list[MemoryHit] = []
             sp = self._spaces.get((uid, space))
             resident = sp.entries if sp is not None else {}
             for e in resident.values():
                 score = _score(e.content, e.tags, words, now - e.accesses[-1])
                 if score > 0:
-                    hits.append({**e.public(), "score": round(score, 6), "evicted": False})
+                    hits.append(e.hit(score, False))
             coll = collection_of(space)
-            stored: list[tuple[int, dict[str, Any]]] = await self.storage.run_existing(
+            stored: list[tuple[int, Mapping[str, Any]]] = await self.storage.run_existing(
                 uid, lambda s: _stored_matches(s, coll, query), []
             )
             for id_, row in stored:
@@ -344,13 +470,13 @@ class MemoryManager:
                 last = e.accesses[-1] if e.accesses else 0
                 score = _score(e.content, e.tags, words, now - last)
                 if score > 0:
-                    hits.append({**e.public(), "score": round(score, 6), "evicted": True})
+                    hits.append(e.hit(score, True))
             hits.sort(key=lambda h: (-h["score"], -h["id"]))
             return hits[:limit]
 
-    async def entries(self, uid: int, space: str) -> list[dict[str, Any]]:
+    async def entries(self, uid: int, space: str) -> list[MemoryEntry]:
         """The space's entries in RAM, in id order (not an access)."""
-        async with self._lock:
+        async with self._user(uid):
             sp = self._spaces.get((uid, space))
             if sp is None:
                 return []
@@ -362,7 +488,7 @@ class MemoryManager:
         Ids already in storage are left there; an id found nowhere is NotFound (and then
         nothing is moved).
         """
-        async with self._lock:
+        async with self._user(uid):
             sp = self._spaces.get((uid, space))
             resident = sp.entries if sp is not None else {}
             elsewhere = [i for i in dict.fromkeys(ids) if i not in resident]
@@ -382,28 +508,32 @@ class MemoryManager:
                     await self._store(sp, e)
                     self._remove(sp, e)
 
-    async def stats(self) -> dict[str, Any]:
-        """Totals over the daemon: bytes and entries in RAM, spaces holding entries."""
-        async with self._lock:
-            return {
-                "bytes": self._total,
-                "entries": sum(len(sp.entries) for sp in self._spaces.values()),
-                "spaces": sum(1 for sp in self._spaces.values() if sp.entries),
-                "budget_bytes": self.cfg.budget_bytes,
-            }
+    async def stats(self) -> MemoryStats:
+        """Totals over the daemon: bytes and entries in RAM, spaces holding entries.
+
+        Taken without waiting for anyone's call: a write still moving its victims to storage
+        is counted with them, so ``bytes`` may pass the budget until that write returns.
+        """
+        return {
+            "bytes": self._total,
+            "entries": sum(len(sp.entries) for sp in self._spaces.values()),
+            "spaces": sum(1 for sp in self._spaces.values() if sp.entries),
+            "budget_bytes": self.cfg.budget_bytes,
+        }
 
     async def persist_pinned(self) -> None:
         """At shutdown: move every pinned entry in RAM to its owner's storage."""
-        async with self._lock:
-            for sp in list(self._spaces.values()):
-                for e in [e for e in sp.entries.values() if e.pinned]:
-                    await self._move_to_storage(
-                        sp, e, "pinned entry %d of uid %d space %r not kept"
-                    )
+        for uid in sorted({uid for uid, _ in self._spaces}):
+            async with self._user(uid):
+                for sp in [sp for sp in self._spaces.values() if sp.uid == uid]:
+                    for e in [e for e in sp.entries.values() if e.pinned]:
+                        await self._move_to_storage(
+                            sp, e, "pinned entry %d of uid %d space %r not kept"
+                        )
 
     async def drop_session(self, uid: int, space: str) -> None:
         """A session ended: unpinned entries go (RAM and storage); pinned ones move to storage."""
-        async with self._lock:
+        async with self._user(uid):
             coll = collection_of(space)
             await self.storage.run_existing(uid, lambda s: _purge(s, coll, True), 0)
             sp = self._spaces.get((uid, space))
@@ -419,6 +549,45 @@ class MemoryManager:
             if not sp.entries:
                 del self._spaces[(uid, space)]
 
+    # --- users' locks ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _user(self, uid: int) -> AsyncIterator[None]:
+        """Hold ``uid``'s lock for one call (waiting for that user's earlier calls only)."""
+        lock = self._locks.get(uid)
+        if lock is None:
+            lock = self._locks[uid] = _UserLock()
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(uid, lock)
+            raise
+        try:
+            yield
+        finally:
+            self._unlock(uid)
+
+    def _try_lock(self, uid: int) -> bool:
+        """Take ``uid``'s lock if it is free now; never waits."""
+        lock = self._locks.get(uid)
+        if lock is None:
+            lock = self._locks[uid] = _UserLock()
+        return lock.try_acquire()
+
+    def _unlock(self, uid: int) -> None:
+        lock = self._locks[uid]
+        lock.release()
+        self._forget(uid, lock)
+
+    def _forget(self, uid: int, lock: _UserLock) -> None:
+        if lock.free and self._locks.get(uid) is lock:
+            del self._locks[uid]
+
+    def _busy(self, uid: int) -> bool:
+        """Whether a call holds or waits for ``uid``'s lock."""
+        lock = self._locks.get(uid)
+        return lock is not None and not lock.free
+
     # --- internals ----------------------------------------------------------------------------
 
     def _touch(self, e: _Entry) -> None:
@@ -433,16 +602,14 @@ class MemoryManager:
         return (sp, e) if sp is not None and e is not None else None
 
     def _insert(self, sp: _Space, e: _Entry) -> None:
-        size = e.size
         sp.entries[e.id] = e
-        sp.bytes += size
-        self._total += size
+        sp.bytes += e.size
+        self._total += e.size
 
     def _remove(self, sp: _Space, e: _Entry) -> None:
         if sp.entries.pop(e.id, None) is not None:
-            size = e.size
-            sp.bytes -= size
-            self._total -= size
+            sp.bytes -= e.size
+            self._total -= e.size
 
     async def _space(self, uid: int, space: str) -> _Space:
         """The space in RAM, made if needed (ids continue after those in storage)."""
@@ -495,81 +662,101 @@ class MemoryManager:
 
         return await self.storage.run_existing(uid, fn, False)
 
-    def _rank(self, sp: _Space, e: _Entry) -> tuple[int, int, int, str, int]:
-        """LRU-K order, victim first: K-th last access (none: first), then last access."""
-        k = self.cfg.lru_k
-        kth = e.accesses[-k] if len(e.accesses) >= k else -1
-        last = e.accesses[-1] if e.accesses else -1
-        return (kth, last, sp.uid, sp.name, e.id)
+    def _evictable(self, sp: _Space) -> Iterator[_Space]:
+        """The other spaces whose entries the daemon budget may take for a write to ``sp``."""
+        for other in self._spaces.values():
+            # Another user's entry moves under that user's lock, and a lock that is taken
+            # cannot be had without waiting: waiting while holding ours could deadlock.
+            if other is not sp and (other.uid == sp.uid or not self._busy(other.uid)):
+                yield other
 
-    def _plan(self, sp: _Space, keep: _Entry, skip: set[int]) -> list[tuple[_Space, _Entry]]:
+    def _plan(self, sp: _Space, keep: _Entry, skip: set[_Ref]) -> list[tuple[_Space, _Entry]]:
         """The victims that bring every budget back within limits; QuotaExceeded if none do.
 
-        ``keep`` (the entry being written) and entries whose ``id()`` is in ``skip`` are
-        never chosen.  Nothing is changed.
+        ``keep`` (the entry being written) and the entries in ``skip`` are never chosen, nor
+        are those of another user with a call in progress.  Nothing is changed.
         """
         cfg = self.cfg
-        victims: list[tuple[_Space, _Entry]] = []
-        count, size, total = len(sp.entries), sp.bytes, self._total
-        if count > cfg.max_entries_per_space or size > cfg.max_bytes_per_space:
-            local = sorted(
-                (
-                    e
-                    for e in sp.entries.values()
-                    if not e.pinned and e is not keep and id(e) not in skip
-                ),
-                key=lambda e: self._rank(sp, e),
-            )
-            pending = iter(local)
-            while count > cfg.max_entries_per_space or size > cfg.max_bytes_per_space:
-                victim = next(pending, None)
-                if victim is None:
-                    if count > cfg.max_entries_per_space:
-                        raise _refused(
-                            "memory.max_entries_per_space", cfg.max_entries_per_space, count
-                        )
-                    raise _refused("memory.max_bytes_per_space", cfg.max_bytes_per_space, size)
-                victims.append((sp, victim))
-                count -= 1
-                size -= victim.size
-                total -= victim.size
-        if total > cfg.budget_bytes:
-            taken = {id(e) for _, e in victims} | skip
-            heap = [
-                (self._rank(s, e), s, e)
-                for s in self._spaces.values()
-                for e in s.entries.values()
-                if not e.pinned and e is not keep and id(e) not in taken
-            ]
-            heapq.heapify(heap)
-            while total > cfg.budget_bytes:
-                if not heap:
-                    raise _refused("memory.budget_bytes", cfg.budget_bytes, total)
-                _, s, victim = heapq.heappop(heap)
-                victims.append((s, victim))
-                total -= victim.size
+        out = lruk.plan(
+            lruk.Usage(len(sp.entries), sp.bytes, self._total - self._leaving),
+            (_candidate(sp, e) for e in sp.entries.values()),
+            (_candidate(o, e) for o in self._evictable(sp) for e in o.entries.values()),
+            k=cfg.lru_k,
+            limits=lruk.Limits(
+                cfg.max_entries_per_space, cfg.max_bytes_per_space, cfg.budget_bytes
+            ),
+            keep={_ref(sp, keep), *skip},
+        )
+        if isinstance(out, lruk.Refusal):
+            raise self._refusal(sp, out)
+        victims = []
+        for c in out:
+            uid, name, id_ = c.key
+            vsp = self._spaces[(uid, name)]
+            victims.append((vsp, vsp.entries[id_]))
         return victims
+
+    def _refusal(self, sp: _Space, r: lruk.Refusal) -> QuotaExceeded:
+        """The error for a refused plan; it says so when busy users' entries would do."""
+        limit = "memory." + r.limit
+        if r.limit == "budget_bytes":
+            busy = sum(
+                e.size
+                for o in self._spaces.values()
+                if o.uid != sp.uid and self._busy(o.uid)
+                for e in o.entries.values()
+                if not e.pinned
+            )
+            if r.needed - busy <= r.value:
+                return QuotaExceeded(
+                    f"memory limit {limit} ({r.value}) would be exceeded ({r.needed}) and the "
+                    "entries that could be evicted are in use by memory calls under way: "
+                    "try again",
+                    data={"limit": limit, "value": r.value, "needed": r.needed},
+                )
+        return _refused(limit, r.value, r.needed)
 
     async def _make_room(self, sp: _Space, keep: _Entry) -> list[tuple[_Space, _Entry]]:
         """Evict until every budget holds; returns the evicted entries.
 
-        Refuses before evicting anything when only pinned entries are left.  An entry whose
+        Refuses before evicting anything when no choice of victims would do.  An entry whose
         owner's storage refuses it (e.g. a full storage quota) stays in RAM and another victim
         is chosen.
         """
         evicted: list[tuple[_Space, _Entry]] = []
-        skip: set[int] = set()
+        skip: set[_Ref] = set()
         while True:
             victims = self._plan(sp, keep, skip)
-            for vsp, victim in victims:
-                if not await self._move_to_storage(
-                    vsp, victim, "could not evict entry %d of uid %d space %r"
-                ):
-                    skip.add(id(victim))
-                    break
-                evicted.append((vsp, victim))
-            else:
-                return evicted
+            # No await since planning: the other owners _plan found free are free still, and
+            # holding their locks keeps the plan true while the victims move.
+            owners = collections.Counter(v.uid for v, _ in victims if v.uid != sp.uid)
+            for uid in owners:
+                taken = self._try_lock(uid)
+                assert taken, "_evictable offers only the entries of users whose lock is free"
+            pending = sum(e.size for _, e in victims)
+            self._leaving += pending
+            try:
+                for vsp, victim in victims:
+                    moved = await self._move_to_storage(
+                        vsp, victim, "could not evict entry %d of uid %d space %r"
+                    )
+                    self._leaving -= victim.size
+                    pending -= victim.size
+                    if vsp.uid != sp.uid:
+                        owners[vsp.uid] -= 1
+                        if owners[vsp.uid] == 0:
+                            del owners[vsp.uid]
+                            self._unlock(vsp.uid)
+                    if not moved:
+                        skip.add(_ref(vsp, victim))
+                        break
+                    evicted.append((vsp, victim))
+                else:
+                    return evicted
+            finally:
+                self._leaving -= pending
+                for uid in owners:
+                    self._unlock(uid)
 
     @staticmethod
     def _ids_in(sp: _Space, evicted: list[tuple[_Space, _Entry]]) -> list[int]:

@@ -1,22 +1,31 @@
 """The memory manager on a real StorageManager (real SQLite in a tmp dir): LRU-K, budgets,
-eviction to storage and back, pinning, sessions, and isolation between users."""
+eviction to storage and back, pinning, sessions, isolation between users, and users' calls
+running side by side."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from aiosd.config import MemoryConfig
 from aiosd.errors import NotFound, QuotaExceeded
-from aiosd.managers.memory import MemoryManager
-from aiosd.managers.storage import Limits, StorageManager
+from aiosd.managers.memory import MemoryManager, _UserLock
+from aiosd.managers.storage import Limits, StorageManager, UserStore
 
 UID = 1001
 OTHER = 1002
+THIRD = 1003
+FOURTH = 1004
+
+#: Seconds: only a guard against a hung test; a passing test never waits this long.
+GUARD = 30.0
+
+T = TypeVar("T")
 
 
 def run(tmp_path: Path, fn: Callable[[MemoryManager], Awaitable[None]], **cfg: Any) -> None:
@@ -27,6 +36,47 @@ def run(tmp_path: Path, fn: Callable[[MemoryManager], Awaitable[None]], **cfg: A
         try:
             await fn(MemoryManager(storage, MemoryConfig(**cfg)))
         finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+class GatedStorage(StorageManager):
+    """A real storage whose calls for the uids in ``gated`` stop in their worker thread, as a
+    slow disk or a long query would, until the test sets ``opened``."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, "normal", Limits(1 << 30, 1 << 20, 4))
+        self.gated: set[int] = set()
+        #: Set (on the loop) when a gated call has reached its worker thread.
+        self.inside = asyncio.Event()
+        self.opened = threading.Event()
+
+    async def run(self, uid: int, fn: Callable[[UserStore], T]) -> T:
+        if uid not in self.gated:
+            return await super().run(uid, fn)
+        loop = asyncio.get_running_loop()
+
+        def gated(s: UserStore) -> T:
+            loop.call_soon_threadsafe(self.inside.set)
+            if not self.opened.wait(GUARD):
+                raise TimeoutError("the test never let the gated storage call go on")
+            return fn(s)
+
+        return await super().run(uid, gated)
+
+
+def run_gated(
+    tmp_path: Path, fn: Callable[[MemoryManager, GatedStorage], Awaitable[None]], **cfg: Any
+) -> None:
+    """:func:`run` on a :class:`GatedStorage`; the gate opens at the end whatever happens."""
+
+    async def main() -> None:
+        storage = GatedStorage(tmp_path / "storage")
+        try:
+            await fn(MemoryManager(storage, MemoryConfig(**cfg)), storage)
+        finally:
+            storage.opened.set()
             await storage.close()
 
     asyncio.run(main())
@@ -376,3 +426,154 @@ def test_users_never_see_each_others_entries(tmp_path: Path) -> None:
         assert await m.get(OTHER, "default", 1) != await m.get(UID, "default", 1)
 
     run(tmp_path, fn)
+
+
+# --- users side by side -----------------------------------------------------------------------
+
+
+def test_a_user_stuck_in_storage_does_not_stall_another_users_memory(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        for uid in (UID, OTHER):  # both have a store, so a new space asks it for its ids
+            await st.run(uid, lambda s: None)
+        st.gated.add(UID)
+        stuck = asyncio.create_task(m.add(UID, "s", "mine", [], False))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # it holds UID's lock, in UID's store
+
+        out = await asyncio.wait_for(m.add(OTHER, "s", "theirs", [], False), GUARD)
+        assert out["id"] == 1 and out["evicted"] == []
+        assert (await asyncio.wait_for(m.get(OTHER, "s", 1), GUARD))["content"] == "theirs"
+        hits = await asyncio.wait_for(m.search(OTHER, "s", "theirs", 5), GUARD)
+        assert [h["id"] for h in hits] == [1]
+        assert not stuck.done()
+
+        st.opened.set()
+        assert (await asyncio.wait_for(stuck, GUARD))["content"] == "mine"
+        assert await ram_ids(m, UID, "s") == [1] and await ram_ids(m, OTHER, "s") == [1]
+        assert m._locks == {}  # a lock nobody holds or waits for is not kept
+
+    run_gated(tmp_path, fn)
+
+
+def test_the_budget_spares_entries_of_a_user_whose_call_is_under_way(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        await st.run(OTHER, lambda s: None)
+        await m.add(OTHER, "s", "o" * 400, [], False)  # t1: LRU-K's pick, when OTHER is idle
+        await m.add(UID, "s", "u" * 400, [], False)  # t2
+        st.gated.add(OTHER)
+        busy = asyncio.create_task(m.search(OTHER, "s", "o" * 400, 5))
+        await asyncio.wait_for(st.inside.wait(), GUARD)
+
+        out = await asyncio.wait_for(m.add(THIRD, "s", "t" * 400, [], False), GUARD)
+        assert out["evicted"] == []
+        assert await ram_ids(m, UID, "s") == [] and await stored_keys(m, UID, "s") == {"1"}
+        assert (await m.stats())["bytes"] == 800
+
+        st.opened.set()
+        assert [h["evicted"] for h in await asyncio.wait_for(busy, GUARD)] == [False]
+        assert await ram_ids(m, OTHER, "s") == [1]
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_refused_when_only_entries_of_calls_under_way_could_make_room(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        await st.run(OTHER, lambda s: None)
+        await m.add(OTHER, "s", "o" * 800, [], False)
+        st.gated.add(OTHER)
+        busy = asyncio.create_task(m.search(OTHER, "s", "o" * 800, 5))
+        await asyncio.wait_for(st.inside.wait(), GUARD)
+
+        with pytest.raises(QuotaExceeded, match="under way: try again") as exc:
+            await asyncio.wait_for(m.add(UID, "s", "u" * 400, [], False), GUARD)
+        assert exc.value.data == {"limit": "memory.budget_bytes", "value": 1024, "needed": 1200}
+        assert await m.entries(UID, "s") == [] and (await m.stats())["bytes"] == 800
+
+        st.opened.set()
+        await asyncio.wait_for(busy, GUARD)
+        st.gated.clear()
+        out = await m.add(UID, "s", "u" * 400, [], False)  # OTHER is idle again
+        assert out["id"] == 1
+        assert await ram_ids(m, OTHER, "s") == [] and await stored_keys(m, OTHER, "s") == {"1"}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_evicting_another_users_entry_holds_that_users_lock(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        await m.add(OTHER, "s", "o" * 600, [], False)
+        st.gated.add(OTHER)
+        writer = asyncio.create_task(m.add(UID, "s", "u" * 600, [], False))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # moving OTHER's entry to its store
+        reader = asyncio.create_task(m.entries(OTHER, "s"))
+        await asyncio.sleep(0)  # one turn of the loop: the reader is now queued for the lock
+        assert not reader.done()
+
+        st.opened.set()
+        assert (await asyncio.wait_for(writer, GUARD))["evicted"] == []
+        assert await asyncio.wait_for(reader, GUARD) == []  # never the entry half moved
+        assert await stored_keys(m, OTHER, "s") == {"1"}
+        assert m._locks == {}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_writers_side_by_side_do_not_evict_twice_for_one_excess(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        await m.add(THIRD, "s", "v" * 300, [], False)  # t1: the first victim
+        await m.add(FOURTH, "s", "w" * 200, [], False)  # t2
+        await m.add(FOURTH, "t", "w" * 300, [], False)  # t3
+        st.gated.add(THIRD)
+        first = asyncio.create_task(m.add(UID, "s", "u" * 300, [], False))  # 1100 > 1024
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
+
+        # 1300 bytes in RAM, 300 of them leaving: 1000, within the budget, so nothing more goes.
+        out = await asyncio.wait_for(m.add(OTHER, "s", "x" * 200, [], False), GUARD)
+        assert out["evicted"] == []
+        assert await ram_ids(m, FOURTH, "s") == [1] and await ram_ids(m, FOURTH, "t") == [1]
+
+        st.opened.set()
+        await asyncio.wait_for(first, GUARD)
+        assert await ram_ids(m, THIRD, "s") == [] and (await m.stats())["bytes"] == 1000
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_a_call_that_gives_up_waiting_passes_its_turn_on(tmp_path: Path) -> None:
+    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+        await st.run(UID, lambda s: None)
+        st.gated.add(UID)
+        first = asyncio.create_task(m.add(UID, "a", "one", [], False))
+        await asyncio.wait_for(st.inside.wait(), GUARD)
+        second = asyncio.create_task(m.add(UID, "b", "two", [], False))
+        third = asyncio.create_task(m.add(UID, "c", "three", [], False))
+        await asyncio.sleep(0)  # one turn of the loop: both are queued for UID's lock
+        second.cancel()
+
+        st.opened.set()
+        assert (await asyncio.wait_for(first, GUARD))["id"] == 1
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert (await asyncio.wait_for(third, GUARD))["content"] == "three"
+        assert await m.entries(UID, "b") == [] and m._locks == {}
+
+    run_gated(tmp_path, fn)
+
+
+def test_user_lock_handed_over_to_a_caller_that_gives_up_goes_to_the_next() -> None:
+    async def main() -> None:
+        lock = _UserLock()
+        assert lock.try_acquire()
+        first = asyncio.create_task(lock.acquire())
+        second = asyncio.create_task(lock.acquire())
+        await asyncio.sleep(0)  # one turn of the loop: both wait
+        lock.release()  # promised to the first, which has not run yet
+        assert not lock.free and not lock.try_acquire()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, GUARD)
+        assert not lock.free
+        lock.release()
+        assert lock.free and lock.try_acquire()
+
+    asyncio.run(main())
