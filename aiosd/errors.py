@@ -1,22 +1,66 @@
 """The one error tree of aiosd.
 
 Every error a client can see is an :class:`AiosError` subclass.  Each class states its
-JSON-RPC code and its D-Bus error name once, here; the transports map errors through
-:func:`error_for_code` and the class attributes and nowhere else.
+JSON-RPC code and its D-Bus error name once, here; the transports map errors through the
+class attributes, :func:`error_for_code` and :func:`error_for_dbus_name`, and nowhere else.
+
+Both maps are one-to-one: a class whose code or D-Bus name another class already has is
+refused when it is defined (TypeError), so a client rebuilding an error from either one
+always gets the class the daemon raised.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 DBUS_ERROR_PREFIX = "org.aiosd.Daemon1.Error."
+#: The last element of a D-Bus error name (the D-Bus specification's rule for one element).
+_NAME_ELEMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+_BY_CODE: dict[int, type[AiosError]] = {}
+_BY_DBUS_NAME: dict[str, type[AiosError]] = {}
+
+
+def _register(cls: type[AiosError]) -> None:
+    """Add an error class to both maps, or raise TypeError if it would make either ambiguous."""
+    code, name = cls.rpc_code, cls.dbus_name
+    if not isinstance(code, int) or isinstance(code, bool):
+        raise TypeError(f"{cls.__name__}: rpc_code must be an int, not {code!r}")
+    if (
+        not isinstance(name, str)
+        or not name.startswith(DBUS_ERROR_PREFIX)
+        or not _NAME_ELEMENT.fullmatch(name[len(DBUS_ERROR_PREFIX) :])
+        or len(name) > 255
+    ):
+        raise TypeError(f"{cls.__name__}: dbus_name {name!r} is not {DBUS_ERROR_PREFIX}<Name>")
+    clashes = [
+        f"{attr} {value!r} is already {other.__name__}'s"
+        for attr, value, other in (
+            ("rpc_code", code, _BY_CODE.get(code)),
+            ("dbus_name", name, _BY_DBUS_NAME.get(name)),
+        )
+        if other is not None
+    ]
+    if clashes:
+        raise TypeError(
+            f"{cls.__name__}: {' and '.join(clashes)};"
+            " each error class needs a code and a D-Bus name of its own"
+        )
+    _BY_CODE[code] = cls
+    _BY_DBUS_NAME[name] = cls
 
 
 class AiosError(Exception):
     """Root of every error a client may receive."""
 
-    rpc_code: int = -32000
-    dbus_name: str = DBUS_ERROR_PREFIX + "Failed"
+    rpc_code: ClassVar[int] = -32000
+    dbus_name: ClassVar[str] = DBUS_ERROR_PREFIX + "Failed"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass whose code or D-Bus name is not its own (see the module doc)."""
+        super().__init_subclass__(**kwargs)
+        _register(cls)
 
     def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -29,6 +73,9 @@ class AiosError(Exception):
         if self.data:
             err["data"] = self.data
         return err
+
+
+_register(AiosError)
 
 
 class ParseError(AiosError):
@@ -112,21 +159,21 @@ class FrameTooLarge(AiosError):
     """A frame exceeded the configured maximum size; the connection is closed after it."""
 
     rpc_code = -32007
-    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+    dbus_name = DBUS_ERROR_PREFIX + "FrameTooLarge"
 
 
 class TooManyRequests(AiosError):
     """The connection already has the maximum number of requests in flight."""
 
     rpc_code = -32008
-    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+    dbus_name = DBUS_ERROR_PREFIX + "TooManyRequests"
 
 
 class TooManyConnections(AiosError):
     """The daemon already serves the maximum number of connections."""
 
     rpc_code = -32009
-    dbus_name = DBUS_ERROR_PREFIX + "LimitsExceeded"
+    dbus_name = DBUS_ERROR_PREFIX + "TooManyConnections"
 
 
 class ShuttingDown(AiosError):
@@ -157,24 +204,11 @@ class QuotaExceeded(AiosError):
     dbus_name = DBUS_ERROR_PREFIX + "QuotaExceeded"
 
 
-def _all_subclasses(cls: type[AiosError]) -> list[type[AiosError]]:
-    out: list[type[AiosError]] = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
-
-
-def _class_with(attr: str, value: object) -> type[AiosError]:
-    """The first error class (depth first) whose ``attr`` is ``value``; AiosError if none."""
-    return next((c for c in _all_subclasses(AiosError) if getattr(c, attr) == value), AiosError)
-
-
 def error_for_dbus_name(name: str, message: str) -> AiosError:
     """Rebuild the error a D-Bus error name stands for (used by D-Bus clients)."""
-    return _class_with("dbus_name", name)(message)
+    return _BY_DBUS_NAME.get(name, AiosError)(message)
 
 
 def error_for_code(code: int, message: str, data: dict[str, Any] | None = None) -> AiosError:
     """Rebuild the error class a JSON-RPC error code stands for (used by clients)."""
-    return _class_with("rpc_code", code)(message, data=data)
+    return _BY_CODE.get(code, AiosError)(message, data=data)

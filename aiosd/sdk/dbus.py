@@ -16,10 +16,10 @@ import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names
-from aiosd.api.dbus.binary import result_from_bus
+from aiosd.api.dbus.codec import arg_to_bus, field_codecs, result_from_bus
 from aiosd.api.dbus.introspection import TRANSPORT_FIELDS, BusMethod, bus_methods
-from aiosd.api.dbus.variants import to_vardict, to_variant
-from aiosd.errors import DBUS_ERROR_PREFIX, AiosError, error_for_dbus_name
+from aiosd.api.dbus.variants import free_vardict
+from aiosd.errors import DBUS_ERROR_PREFIX, AiosError, InvalidParams, error_for_dbus_name
 from aiosd.sdk.client import DaemonUnreachable
 
 _HINT = "set DBUS_SYSTEM_BUS_ADDRESS to the bus it uses"
@@ -88,15 +88,23 @@ class BusClient:
 
     def _args(self, bm: BusMethod, params: dict[str, Any]) -> GLib.Variant:
         params = {k: v for k, v in params.items() if k not in TRANSPORT_FIELDS}
-        values: list[Any] = []
-        for name, sig in bm.args:
+        fields = field_codecs(bm.syscall.params)
+        values: list[object] = []
+        for name, _sig in bm.args:
             value = params.pop(name, None)
-            values.append(_pack(sig, value))
+            if value is None:
+                # A typed argument cannot be left out: say so as the daemon would.
+                raise InvalidParams(
+                    f"invalid params: {name}: Field required",
+                    data={"errors": [{"field": name, "message": "Field required"}]},
+                )
+            values.append(arg_to_bus(fields[name], value))
         if bm.has_options:
-            values.append(to_vardict(params))
+            # Typed from their values: the daemon reads them as declared and validates them.
+            values.append(free_vardict(params))
         return GLib.Variant(f"({bm.in_signature})", tuple(values))
 
-    def _invoke(self, bm: BusMethod, params: dict[str, Any]) -> Any:
+    def _invoke(self, bm: BusMethod, params: dict[str, Any]) -> GLib.Variant:
         if self._bus is None:
             self.connect()
         try:
@@ -116,12 +124,12 @@ class BusClient:
             if isinstance(err, _Unreachable):
                 raise DaemonUnreachable(self._where(), str(err), _HINT) from None
             raise err from None
-        return reply.unpack()[0]
+        return reply.get_child_value(0)
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Make one syscall and return its result."""
-        result = self._invoke(self._method(method, False), dict(params or {}))
-        self.last_result = result_from_bus(result)
+        bm = self._method(method, False)
+        self.last_result = result_from_bus(bm.syscall.result, self._invoke(bm, dict(params or {})))
         return self.last_result
 
     def stream(self, method: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
@@ -131,7 +139,7 @@ class BusClient:
         """
         if self._bus is None:
             self.connect()
-        events: collections.deque[tuple[str, str, Any]] = collections.deque()
+        events: collections.deque[tuple[str, str, GLib.Variant]] = collections.deque()
 
         def on_signal(
             con: Any,
@@ -142,7 +150,7 @@ class BusClient:
             args: GLib.Variant,
             _data: Any,
         ) -> None:
-            events.append((path, signal, args.unpack()))
+            events.append((path, signal, args))
 
         con = self._bus.con
         owner = self._owner()
@@ -189,7 +197,8 @@ class BusClient:
         path: str | None = None
         finished = False
         try:
-            path = self._invoke(self._method(method, True), dict(params or {}))
+            bm = self._method(method, True)
+            path = str(self._invoke(bm, dict(params or {})).get_string())
             ctx = GLib.MainContext.ref_thread_default()
             while True:
                 while events:
@@ -197,14 +206,18 @@ class BusClient:
                     if where != path:
                         continue
                     if signal == "Token":
-                        yield {"seq": args[0], "content": args[1]}
+                        seq, content = args.unpack()
+                        yield {"seq": seq, "content": content}
                     elif signal == "Finished":
                         finished = True
-                        self.last_result = result_from_bus(args[0])
+                        self.last_result = result_from_bus(
+                            bm.syscall.result, args.get_child_value(0)
+                        )
                         return
                     elif signal == "Failed":
                         finished = True
-                        raise error_for_dbus_name(args[0], args[1])
+                        name, message = args.unpack()
+                        raise error_for_dbus_name(name, message)
                 if gone:
                     raise DaemonUnreachable(self._where(), gone[0], _HINT)
                 ctx.iteration(True)
@@ -257,13 +270,3 @@ class BusClient:
             raise AiosError(
                 f"{syscall} has no {'streaming ' if start else ''}D-Bus method"
             ) from None
-
-
-def _pack(sig: str, value: Any) -> Any:
-    if sig == "aa{sv}":
-        return [to_vardict(v) for v in value or []]
-    if sig == "a{sv}":
-        return to_vardict(value or {})
-    if sig == "v":
-        return to_variant(value)
-    return value

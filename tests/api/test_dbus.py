@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,7 +18,12 @@ from typing import Any
 import pytest
 
 from aiosd.api.dbus import names
+from aiosd.api.dbus.service import DBusFrontend
+from aiosd.config import Config, DBusConfig
+from aiosd.kernel.kernel import Kernel
+from aiosd.kernel.syscall_base import Params, Result, Syscall
 from aiosd.kernel.syscalls import SYSCALLS
+from aiosd.managers.access import Caller, Permission
 from aiosd.sdk import Client
 from aiosd.sdk.dbus import BusClient
 from tests.conftest import UnixUser
@@ -467,6 +473,9 @@ def test_binary_values_travel_as_bytes_on_dbus(private_bus: PrivateBus, bus_daem
     with Client(bus_daemon.socket_path) as c:
         sock = c.call("storage.get", {"collection": "bin", "key": "blob"})
     assert sock["encoding"] == "base64" and base64.b64decode(sock["value"]) == blob
+    # The D-Bus client reads the bytes back as the socket has them.
+    with BusClient(private_bus.address) as client:
+        assert client.call("storage.get", {"collection": "bin", "key": "blob"}) == sock
     # Text stays text on the bus.
     plain(
         busctl(
@@ -487,3 +496,195 @@ def test_binary_values_travel_as_bytes_on_dbus(private_bus: PrivateBus, bus_daem
         private_bus, "call", *DEST, "org.aiosd.Daemon1.Storage", "Get", "ssa{sv}", "bin", "txt", "0"
     )["data"][0]
     assert got["value"] == {"type": "s", "data": "hello"}
+
+
+# --- types come from the models, errors from the D-Bus specification ---------------------------
+
+
+def _raw_call(address: str, iface: str, method: str, args: Any = None) -> Any:
+    """One call on a fresh GDBus connection: the reply as it came (a GLib.Variant)."""
+    from gi.repository import Gio
+
+    con = Gio.DBusConnection.new_for_address_sync(
+        address,
+        Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+        | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
+        None,
+        None,
+    )
+    try:
+        return con.call_sync(DEST[0], DEST[1], iface, method, args, None, 0, -1, None)
+    finally:
+        con.close_sync(None)
+
+
+def _member_types(reply: Any) -> dict[str, str]:
+    """name → the D-Bus type of each member of a reply's a{sv}."""
+    result = reply.get_child_value(0)
+    out = {}
+    for i in range(result.n_children()):
+        entry = result.get_child_value(i)
+        out[entry.get_child_value(0).get_string()] = (
+            entry.get_child_value(1).get_variant().get_type_string()
+        )
+    return out
+
+
+def test_lists_have_their_declared_type_empty_or_not(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    from gi.repository import GLib
+
+    from aiosd.api.dbus.codec import signatures
+
+    storage, memory = "org.aiosd.Daemon1.Storage", "org.aiosd.Daemon1.Memory"
+    addr = private_bus.address
+    empty_list = _member_types(
+        _raw_call(addr, storage, "List", GLib.Variant("(sa{sv})", ("typed-empty", {})))
+    )
+    _raw_call(
+        addr,
+        storage,
+        "Put",
+        GLib.Variant("(ssva{sv})", ("typed-full", "k", GLib.Variant("s", "v"), {})),
+    )
+    full_list = _member_types(
+        _raw_call(addr, storage, "List", GLib.Variant("(sa{sv})", ("typed-full", {})))
+    )
+    assert empty_list["entries"] == full_list["entries"] == "aa{sv}"
+    assert "next" not in full_list  # null: left out, not retyped
+
+    plain_entry = _member_types(
+        _raw_call(addr, memory, "Add", GLib.Variant("(sa{sv})", ("untagged", {})))
+    )
+    tagged = {"tags": GLib.Variant("as", ["a", "b"])}
+    tagged_entry = _member_types(
+        _raw_call(addr, memory, "Add", GLib.Variant("(sa{sv})", ("tagged", tagged)))
+    )
+    declared = signatures(SYSCALLS["memory.add"].result)
+    assert plain_entry == tagged_entry == {k: declared[k] for k in plain_entry}
+    assert plain_entry["tags"] == "as" and plain_entry["evicted"] == "ax"
+
+    queue = _raw_call(addr, "org.aiosd.Daemon1.System", "Queue").get_child_value(0)
+    models = queue.lookup_value("models", None)
+    assert models.get_type_string() == "aa{sv}"
+    running = models.get_child_value(0).lookup_value("running", None)
+    assert running.get_type_string() == "aa{sv}"  # empty here: still a list of objects
+
+
+def test_properties_and_unknown_members_answer_with_the_standard_errors(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    from gi.repository import Gio, GLib
+
+    system = "org.aiosd.Daemon1.System"
+    props = "org.freedesktop.DBus.Properties"
+
+    def error_of(iface: str, method: str, args: Any = None) -> str:
+        with pytest.raises(GLib.Error) as err:
+            _raw_call(private_bus.address, iface, method, args)
+        return str(Gio.DBusError.get_remote_error(err.value))
+
+    set_version = GLib.Variant("(ssv)", (system, "Version", GLib.Variant("s", "9")))
+    assert error_of(props, "Set", set_version) == "org.freedesktop.DBus.Error.PropertyReadOnly"
+    unknown = GLib.Variant("(ss)", (system, "Colour"))
+    assert error_of(props, "Get", unknown) == "org.freedesktop.DBus.Error.UnknownProperty"
+    other = GLib.Variant("(s)", ("org.example.Nothing",))
+    assert error_of(props, "GetAll", other) == "org.freedesktop.DBus.Error.UnknownInterface"
+    assert error_of(system, "Reboot") == "org.freedesktop.DBus.Error.UnknownMethod"
+    assert error_of("org.example.Nothing", "Do") == "org.freedesktop.DBus.Error.UnknownMethod"
+    # Reading still works, and the LLM interface simply has no properties.
+    got = _raw_call(private_bus.address, props, "Get", GLib.Variant("(ss)", (system, "State")))
+    assert got.unpack() == ("running",)
+    none = _raw_call(
+        private_bus.address, props, "GetAll", GLib.Variant("(s)", ("org.aiosd.Daemon1.LLM",))
+    )
+    assert none.unpack() == ({},)
+    # A request object's properties are read-only too (asked through its owner's connection).
+    with BusClient(private_bus.address) as client:
+        stream = client.stream(
+            "llm.chat",
+            {"messages": [{"role": "user", "content": "Write a long story"}], "max_tokens": 64},
+        )
+        next(stream)
+        objects = client._bus.con.call_sync(
+            names.BUS_NAME,
+            DEST[1],
+            names.OBJECT_MANAGER,
+            "GetManagedObjects",
+            None,
+            None,
+            0,
+            -1,
+            None,
+        ).unpack()[0]
+        (path,) = objects
+        with pytest.raises(GLib.Error) as err:
+            client._bus.con.call_sync(
+                names.BUS_NAME,
+                path,
+                props,
+                "Set",
+                GLib.Variant("(ssv)", (names.REQUEST_INTERFACE, "State", GLib.Variant("s", "x"))),
+                None,
+                0,
+                -1,
+                None,
+            )
+        assert (
+            Gio.DBusError.get_remote_error(err.value)
+            == "org.freedesktop.DBus.Error.PropertyReadOnly"
+        )
+        for _ in stream:
+            pass
+
+
+class _EchoParams(Params):
+    words: list[str] = []
+
+
+class _EchoResult(Result):
+    said: list[str]
+    maybe: list[int | None]
+
+
+class _Demo:
+    """A syscall family of this test's own, in a table injected into the kernel."""
+
+    def echo(self, p: _EchoParams, c: Caller, emit: object) -> _EchoResult:
+        return _EchoResult(said=p.words, maybe=[len(p.words), None] if p.words else [])
+
+
+def test_the_front_end_serves_the_kernels_own_table() -> None:
+    from gi.repository import GLib
+
+    bus = PrivateBus(Path(tempfile.mkdtemp(prefix="aiosd-table-")) / "bus")
+    bus.start()
+    echo = Syscall(
+        "demo.echo", _EchoParams, _EchoResult, Permission.user, _Demo.echo, "Echo.", _Demo
+    )
+    table = {**SYSCALLS, echo.name: echo}
+
+    def echo_call(options: dict[str, Any]) -> Any:
+        args = GLib.Variant("(a{sv})", (options,))
+        return _raw_call(bus.address, "org.aiosd.Daemon1.Demo", "Echo", args)
+
+    async def serve() -> tuple[Any, Any]:
+        kernel = Kernel(Config(), backends={}, syscalls=table, families={_Demo: _Demo()})
+        await kernel.start()
+        front = DBusFrontend(kernel, DBusConfig(bus=bus.address), asyncio.get_running_loop())
+        await front.start()
+        try:
+            empty = await asyncio.to_thread(echo_call, {})
+            full = await asyncio.to_thread(echo_call, {"words": GLib.Variant("as", ["a", "b"])})
+        finally:
+            await front.close()
+            await kernel.stop(1.0, 1.0)
+        return empty, full
+
+    try:
+        empty, full = asyncio.run(serve())
+    finally:
+        bus.stop()
+    assert _member_types(empty) == _member_types(full) == {"said": "as", "maybe": "aax"}
+    assert full.get_child_value(0).lookup_value("maybe", None).unpack() == [[2], []]

@@ -9,19 +9,14 @@ object that emits ``Token`` signals and then ``Finished`` or ``Failed``.
 
 from __future__ import annotations
 
-import enum
-import functools
 import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from pydantic import BaseModel
-
 from aiosd.api.dbus import names
-from aiosd.kernel.syscall_base import BusBinary, Syscall
+from aiosd.api.dbus.codec import field_codecs
+from aiosd.kernel.syscall_base import Syscall
 from aiosd.kernel.syscalls import SYSCALLS
 
 #: Parameters the transport itself provides (not arguments on the bus).
@@ -36,40 +31,6 @@ PROPERTIES = {
     "Running": "u",
     "QueueLength": "u",
 }
-
-
-def signature_of(annotation: Any) -> str:
-    """The D-Bus type of a pydantic field annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return signature_of(args[0])
-    if origin in (typing.Union, types.UnionType):
-        real = [a for a in args if a is not type(None)]
-        return signature_of(real[0]) if len(real) == 1 else "v"
-    if origin is list:
-        return "a" + signature_of(args[0])
-    if origin is dict:
-        return "a{sv}"
-    if isinstance(annotation, type):
-        if issubclass(annotation, bool):
-            return "b"
-        if issubclass(annotation, enum.Enum) or issubclass(annotation, str):
-            return "s"
-        if issubclass(annotation, int):
-            return "x"
-        if issubclass(annotation, float):
-            return "d"
-        if issubclass(annotation, BaseModel):
-            return "a{sv}"
-    return "v"
-
-
-def _field_signature(field: Any) -> str:
-    # pydantic keeps a field's Annotated extras in ``metadata``, not in ``annotation``.
-    if any(isinstance(m, BusBinary) for m in field.metadata):
-        return "v"  # s (text) or ay (bytes)
-    return signature_of(field.annotation)
 
 
 @dataclass(frozen=True)
@@ -94,17 +55,37 @@ class BusMethod:
         return "o" if self.starts_request else "a{sv}"
 
 
-@functools.cache
-def bus_methods() -> Mapping[tuple[str, str], BusMethod]:
-    """Every method of the manager object, keyed by (interface, method).
+#: Every method of a manager object, keyed by (interface, method).
+BusMethods = Mapping[tuple[str, str], BusMethod]
 
-    Built once (the syscall table is fixed) and shared: callers only read it.
+#: Built method sets, by the identity of the table's entries.  A set holds its syscalls, so
+#: while an entry is here no other object can take one of their ids.
+_built: dict[tuple[tuple[str, int], ...], BusMethods] = {}
+
+
+def bus_methods(table: Mapping[str, Syscall] | None = None) -> BusMethods:
+    """Every method of the manager object serving ``table`` (default: the installed one).
+
+    Built once per table and shared: callers only read it.
     """
+    syscalls = SYSCALLS if table is None else table
+    key = tuple((name, id(spec)) for name, spec in syscalls.items())
+    methods = _built.get(key)
+    if methods is None:
+        methods = _built[key] = _build(syscalls)
+    return methods
+
+
+def _build(table: Mapping[str, Syscall]) -> BusMethods:
     out: dict[tuple[str, str], BusMethod] = {}
-    for spec in SYSCALLS.values():
-        fields = {k: f for k, f in spec.params.model_fields.items() if k not in TRANSPORT_FIELDS}
-        required = tuple((k, _field_signature(f)) for k, f in fields.items() if f.is_required())
-        has_options = any(not f.is_required() for f in fields.values())
+    for spec in table.values():
+        fields = {k: f for k, f in field_codecs(spec.params).items() if k not in TRANSPORT_FIELDS}
+        required = tuple(
+            (k, f.codec.signature)
+            for k, f in fields.items()
+            if spec.params.model_fields[k].is_required()
+        )
+        has_options = len(required) < len(fields)
         iface = names.family_interface(spec.name)
         variants = [(names.method_name(spec.name), False)]
         if spec.streams:
@@ -119,10 +100,10 @@ def _arg(name: str, sig: str, direction: str | None = None) -> str:
     return f"      <arg name={quoteattr(name)} type={quoteattr(sig)}{d}/>"
 
 
-def manager_xml() -> str:
-    """Introspection XML of the manager object's own interfaces."""
+def manager_xml(table: Mapping[str, Syscall] | None = None) -> str:
+    """Introspection XML of the manager object's own interfaces (for ``table``'s syscalls)."""
     by_iface: dict[str, list[BusMethod]] = {}
-    for m in bus_methods().values():
+    for m in bus_methods(table).values():
         by_iface.setdefault(m.interface, []).append(m)
     lines = ["<node>"]
     for iface in sorted(by_iface):

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from gi.repository import Gio, GLib
 
-from aiosd.api.dbus import names
-from aiosd.api.dbus.binary import result_vardict
+from aiosd.api.dbus import names, properties
+from aiosd.api.dbus.codec import result_vardict
 from aiosd.api.dbus.introspection import request_xml
 from aiosd.errors import AiosError, Cancelled, InternalError
 
@@ -49,8 +49,11 @@ class RequestObject:
         self._result_model = syscall.result
         #: pending (accepted, nothing produced yet) → streaming → finished | failed | cancelled
         self.state = "pending"
-        self.future: concurrent.futures.Future[Any] | None = None
-        self._reg = con.register_object(path, _INTERFACE, self._on_call, None, None)
+        self.future: concurrent.futures.Future[None] | None = None
+        self._regs = [
+            con.register_object(path, iface, self._on_call, None, None)
+            for iface in (_INTERFACE, properties.INTERFACE)
+        ]
 
     def properties(self) -> dict[str, GLib.Variant]:
         """The request interface's properties."""
@@ -97,7 +100,7 @@ class RequestObject:
         if self.future is not None:
             self.future.cancel()
 
-    def _emit(self, signal: str, signature: str, args: tuple[Any, ...]) -> None:
+    def _emit(self, signal: str, signature: str, args: tuple[object, ...]) -> None:
         self._signal(self.path, names.REQUEST_INTERFACE, signal, GLib.Variant(signature, args))
 
     def _signal(self, path: str, iface: str, signal: str, args: GLib.Variant) -> None:
@@ -118,7 +121,8 @@ class RequestObject:
         )
 
     def _remove(self) -> None:
-        self.con.unregister_object(self._reg)
+        for reg in self._regs:
+            self.con.unregister_object(reg)
         self._signal(
             names.OBJECT_PATH,
             names.OBJECT_MANAGER,
@@ -143,14 +147,9 @@ class RequestObject:
         if iface == names.REQUEST_INTERFACE and method == "Cancel":
             self.cancel()
             invocation.return_value(None)
-        elif iface == names.DBUS_PROPERTIES and method == "GetAll":
-            invocation.return_value(GLib.Variant("(a{sv})", (self.properties(),)))
-        elif iface == names.DBUS_PROPERTIES and method == "Get":
-            prop = params.unpack()[1]
-            props = self.properties()
-            if prop not in props:
-                invocation.return_dbus_error(names.DBUS_INVALID_ARGS, f"no property {prop!r}")
-                return
-            invocation.return_value(GLib.Variant("(v)", (props[prop],)))
-        else:
-            invocation.return_dbus_error(names.DBUS_ACCESS_DENIED, "the properties are read-only")
+        elif iface == names.DBUS_PROPERTIES:
+            properties.answer(
+                invocation, method, params, {names.REQUEST_INTERFACE: self.properties()}
+            )
+        else:  # GDBus has checked the call against the interfaces: nothing else gets here
+            invocation.return_dbus_error(names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{method}")

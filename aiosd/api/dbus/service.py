@@ -22,18 +22,17 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import pwd
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd import __version__
-from aiosd.api.dbus import names
-from aiosd.api.dbus.binary import params_from_bus, result_vardict
+from aiosd.api.dbus import names, properties
+from aiosd.api.dbus.codec import params_from_bus, result_vardict
 from aiosd.api.dbus.introspection import (
     PROPERTIES,
     TRANSPORT_FIELDS,
@@ -45,9 +44,13 @@ from aiosd.api.dbus.requests import RequestObject
 from aiosd.config import DBusConfig
 from aiosd.errors import AiosError, BackendUnavailable, InternalError, InvalidParams, ShuttingDown
 from aiosd.kernel.kernel import Kernel
+from aiosd.kernel.syscall_base import Emit
 from aiosd.managers.access import Caller
+from aiosd.managers.users import process_ids
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CREDENTIALS_CACHE = 4096
 RECONNECT_FIRST, RECONNECT_MAX = 0.5, 10.0
@@ -75,8 +78,10 @@ class DBusFrontend:
         self.connected = False
         self._bus: Any = None
         self._registrations: list[int] = []
-        self._methods = bus_methods()
-        self._node = Gio.DBusNodeInfo.new_for_xml(manager_xml())
+        self._methods = bus_methods(kernel.syscalls)
+        self._node = Gio.DBusNodeInfo.new_for_xml(manager_xml(kernel.syscalls))
+        #: The manager's interfaces, none with properties but the one that has them.
+        self._interfaces = frozenset(i.name for i in self._node.interfaces)
         self._mainloop = GLib.MainLoop()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -87,7 +92,7 @@ class DBusFrontend:
         self._ids = itertools.count(1)
         #: Replaced whole (never changed in place) by the asyncio thread; the GLib thread reads
         #: it once per call, so it always sees one consistent set.
-        self._props: dict[str, Any] = {}
+        self._props: dict[str, object] = {}
         self._props_pending = False
 
     # --- lifecycle (asyncio side) ---------------------------------------------------------
@@ -124,14 +129,22 @@ class DBusFrontend:
         await asyncio.wrap_future(self._in_glib(self._teardown))
         await self._halt()
 
+    def pending(self) -> list[str]:
+        """What is still running for bus clients, by sender, for a stop that waits on it."""
+        return sorted(
+            f"{sender} ({len(futs)} call(s))"
+            for sender, futs in list(self._inflight.items())
+            if futs
+        )
+
     async def _halt(self) -> None:
         self._mainloop.quit()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
 
-    def _in_glib(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def _in_glib(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run ``fn`` in the GLib thread; its outcome arrives in the returned future."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> bool:
             try:
@@ -152,7 +165,7 @@ class DBusFrontend:
         try:
             regs = [
                 con.register_object(names.OBJECT_PATH, iface, self._on_call, None, None)
-                for iface in self._node.interfaces
+                for iface in (*self._node.interfaces, properties.INTERFACE)
             ]
             flags = 4  # DBUS_NAME_FLAG_DO_NOT_QUEUE: fail rather than wait in line
             reply = bus.dbus.RequestName(names.BUS_NAME, flags)
@@ -280,39 +293,28 @@ class DBusFrontend:
     ) -> None:
         if not self._accepting:
             raise ShuttingDown("the daemon is stopping and takes no new requests")
-        call: dict[str, Any] = {}
-        for i, (name, sig) in enumerate(bm.args):
-            child = params.get_child_value(i)
-            inner = child.get_variant() if sig == "v" else None
-            if inner is not None and inner.get_type_string() == "ay":
-                # Bytes as they are: unpack() would make one Python int per byte.
-                call[name] = bytes(inner.get_data_as_bytes().get_data())
-            else:
-                call[name] = child.unpack()
-        if bm.has_options:
-            options = params.get_child_value(len(bm.args)).unpack()
-            for key in options:
-                if key in TRANSPORT_FIELDS or key in call:
-                    raise InvalidParams(
-                        f"invalid params: options.{key}: not an option on D-Bus"
-                        + (f"; call Start{bm.name} to stream" if key == "stream" else ""),
-                        data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
-                    )
-            call.update(options)
+        required = [name for name, _ in bm.args]
+        call, option_keys = params_from_bus(bm.syscall.params, params, required, bm.has_options)
+        for key in option_keys:
+            if key in TRANSPORT_FIELDS or key in required:
+                raise InvalidParams(
+                    f"invalid params: options.{key}: not an option on D-Bus"
+                    + (f"; call Start{bm.name} to stream" if key == "stream" else ""),
+                    data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
+                )
         if bm.syscall.streams:
             call["stream"] = bm.starts_request
-        params_from_bus(bm.syscall.params, call)
 
         def dispatch(caller: Caller) -> None:
             if bm.starts_request:
                 self._start_request(sender, bm, call, caller, invocation)
             else:
-                fut = self._submit(sender, self.kernel.dispatch(bm.syscall.name, call, caller))
+                fut = self._submit(sender, _dispatched(self.kernel, bm.syscall.name, call, caller))
                 fut.add_done_callback(lambda f: _reply(invocation, f, bm))
 
         self._with_caller(sender, invocation, dispatch)
 
-    def _submit(self, sender: str, coro: Any) -> concurrent.futures.Future[Any]:
+    def _submit(self, sender: str, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         bucket = self._inflight.setdefault(sender, set())
         bucket.add(fut)
@@ -334,7 +336,8 @@ class DBusFrontend:
         invocation.return_value(GLib.Variant("(o)", (path,)))
         req.announce()
         req.future = self._submit(
-            sender, req.run(self.kernel.dispatch(bm.syscall.name, call, caller, req.emit_token))
+            sender,
+            req.run(_dispatched(self.kernel, bm.syscall.name, call, caller, req.emit_token)),
         )
 
     def forget(self, req: RequestObject) -> None:
@@ -385,23 +388,12 @@ class DBusFrontend:
     def _properties_call(
         self, method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
     ) -> None:
-        args = params.unpack()
-        iface = args[0]
-        props = self._props
-        if iface != names.PROPERTIES_INTERFACE:
-            props = {}
-        if method == "GetAll":
-            invocation.return_value(GLib.Variant("(a{sv})", (_typed(props),)))
-        elif method == "Get":
-            if args[1] not in props:
-                invocation.return_dbus_error(
-                    names.DBUS_INVALID_ARGS, f"no property {args[1]!r} on {iface}"
-                )
-                return
-            value = GLib.Variant(PROPERTIES[args[1]], props[args[1]])
-            invocation.return_value(GLib.Variant("(v)", (value,)))
-        else:
-            invocation.return_dbus_error(names.DBUS_ACCESS_DENIED, "the properties are read-only")
+        typed = _typed(self._props)
+        interfaces = {
+            iface: typed if iface == names.PROPERTIES_INTERFACE else {}
+            for iface in self._interfaces
+        }
+        properties.answer(invocation, method, params, interfaces)
 
     def _managed_objects(self, sender: str, invocation: Gio.DBusMethodInvocation) -> None:
         # Only the caller's own requests: other users' work is not theirs to see.
@@ -442,28 +434,39 @@ class DBusFrontend:
             )
 
 
-def _typed(props: dict[str, Any]) -> dict[str, GLib.Variant]:
+async def _dispatched(
+    kernel: Kernel, name: str, params: dict[str, Any], caller: Caller, emit: Emit | None = None
+) -> dict[str, Any]:
+    """The kernel's dispatch, as a coroutine the GLib thread can hand to the event loop."""
+    return await kernel.dispatch(name, params, caller, emit)
+
+
+def _typed(props: Mapping[str, object]) -> dict[str, GLib.Variant]:
     return {k: GLib.Variant(PROPERTIES[k], v) for k, v in props.items()}
 
 
 def _caller_from(creds: dict[str, Any], sender: str) -> Caller:
     uid = int(creds["UnixUserID"])
+    pid = int(creds.get("ProcessID", 0))
     groups = frozenset(int(g) for g in creds.get("UnixGroupIDs", []))
-    try:
-        gid = pwd.getpwuid(uid).pw_gid
-    except KeyError:
+    # The bus gives no primary gid: the process's own, from /proc (never NSS, which may be
+    # LDAP over the network, in the thread that serves every bus client).
+    gid = process_ids(pid).gid if pid > 0 else None
+    if gid is None:
         gid = min(groups) if groups else uid
     return Caller(
         uid=uid,
         gid=gid,
-        pid=int(creds.get("ProcessID", 0)),
+        pid=pid,
         groups=groups,
         session=f"bus{sender.replace(':', '-')}",
     )
 
 
 def _reply(
-    invocation: Gio.DBusMethodInvocation, fut: concurrent.futures.Future[Any], bm: BusMethod
+    invocation: Gio.DBusMethodInvocation,
+    fut: concurrent.futures.Future[dict[str, Any]],
+    bm: BusMethod,
 ) -> None:
     try:
         result = result_vardict(bm.syscall.result, fut.result())
@@ -485,6 +488,6 @@ def _return_error(
     if isinstance(exc, AiosError):
         invocation.return_dbus_error(exc.dbus_name, exc.message)
         return
-    # stacklevel: the record names the function that caught it, as it always did.
+    # stacklevel: the record names the function that caught it, not this helper.
     log.error(log_msg, *log_args, exc_info=exc, stacklevel=2)
     invocation.return_dbus_error(InternalError.dbus_name, "internal error")
