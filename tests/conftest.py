@@ -14,6 +14,10 @@ import pytest
 
 from tests.support import Daemon, PrivateBus, write_config
 
+# verify_cleanup (autouse, every test): no threads, tasks or timers left behind, no event
+# loop blocked for more than 50 ms; see tests/fixtures_cleanup.py.
+pytest_plugins = ("tests.fixtures_cleanup",)
+
 USER_GROUP = "aios"
 USER_IN = "aiosd-test-in"
 USER_IN2 = "aiosd-test-in2"

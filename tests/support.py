@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ class NotifySocket:
                 continue
             except OSError:
                 return
+            if not data and self._closed:  # close() shut the socket down to wake us
+                return
             now = time.monotonic()
             for field in data.decode().splitlines():
                 if self.on_message is not None:
@@ -48,18 +52,35 @@ class NotifySocket:
                     self.messages.append((now, field))
                     self._cond.notify_all()
 
-    def wait_for(self, field: str, timeout: float = 60.0) -> float:
-        """Wait until ``field`` (e.g. READY=1) arrives; return its arrival time."""
+    def wait_for(
+        self,
+        field: str,
+        timeout: float = 60.0,
+        count: int = 1,
+        abort: Callable[[], str | None] | None = None,
+    ) -> float:
+        """Wait until ``field`` (e.g. READY=1) has arrived ``count`` times; return the arrival
+        time of the ``count``-th.
+
+        ``abort`` is asked a few times a second while waiting: a message it returns (say,
+        "the daemon exited") fails the wait at once instead of at the timeout.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for t, f in self.messages:
-                    if f == field:
-                        return t
+                times = [t for t, f in self.messages if f == field]
+                if len(times) >= count:
+                    return times[count - 1]
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"{field} not received within {timeout}s: {self.fields()}")
-                self._cond.wait(left)
+                    raise AssertionError(
+                        f"{field} x{count} not received within {timeout}s: "
+                        f"{[f for _, f in self.messages]}"
+                    )
+                if abort is not None and (why := abort()) is not None:
+                    raise AssertionError(f"{why} before {field} x{count} arrived")
+                # Woken by each message; the slice only bounds how late ``abort`` is asked.
+                self._cond.wait(min(left, 0.1) if abort is not None else left)
 
     def fields(self) -> list[str]:
         """Every field received so far."""
@@ -72,8 +93,13 @@ class NotifySocket:
             return [t for t, f in self.messages if f == field]
 
     def close(self) -> None:
-        """Stop listening."""
+        """Stop listening, and wait for the reader thread to end (none is left behind)."""
         self._closed = True
+        # shutdown() wakes a recv() blocked in the reader at once; close() alone would not.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not threading.current_thread():  # closed from on_message
+            self._thread.join()
         self._sock.close()
 
 
@@ -137,16 +163,27 @@ class Daemon:
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO
         )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until READY=1; fail with the daemon's log if it exits first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "READY=1" in self.notify.fields():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"aiosd exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.02)
-        raise AssertionError(f"aiosd not ready within {timeout}s:\n{self.log()}")
+    def wait_ready(self, timeout: float = 60.0, count: int = 1) -> float:
+        """Block until the ``count``-th READY=1 (a reload sends one more); fail with the
+        daemon's log if it exits first. Returns the arrival time of that READY=1."""
+        try:
+            return self.notify.wait_for("READY=1", timeout, count, abort=self._exited)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
+
+    def _exited(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        return f"aiosd exited with {self.proc.returncode}"
+
+    def wait_log(self, text: str, timeout: float = 30.0, count: int = 1) -> None:
+        """Block until the daemon has logged ``text`` ``count`` times; fail with the log if not."""
+        wait_until(
+            lambda: self.log().count(text) >= count,
+            timeout,
+            f"{text!r} x{count} in the daemon log",
+            self.log,
+        )
 
     def log(self) -> str:
         """Everything the daemon wrote so far."""
@@ -156,18 +193,21 @@ class Daemon:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"aiosd did not stop within {timeout}s:\n{self.log()}"
-                ) from None
-        self.notify.close()
-        self._log.close()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError(
+                        f"aiosd did not stop within {timeout}s:\n{self.log()}"
+                    ) from None
+        finally:
+            # Even when it had to be killed: the notify reader must not outlive the test.
+            self.notify.close()
+            self._log.close()
         return self.proc.returncode
 
 
@@ -193,7 +233,8 @@ class RawClient:
         line = self.file.readline()
         if not line:
             raise EOFError("connection closed by the daemon")
-        return json.loads(line)
+        frame: dict[str, Any] = json.loads(line)
+        return frame
 
     def call(self, method: str, params: Any = None, req_id: Any = 1) -> dict[str, Any]:
         """Send a request and return its final response (skipping stream notifications)."""
@@ -210,6 +251,32 @@ class RawClient:
         """Close the connection."""
         self.file.close()
         self.sock.close()
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    detail: Callable[[], object] | None = None,
+) -> None:
+    """Wait until ``condition()`` holds, looking every 10 ms; fail after ``timeout`` seconds.
+
+    For states the daemon shows only when asked (its queue, its log file): the timeout is a
+    failure guard, never the expected wait.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            shown = f":\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"no {what} within {timeout}s{shown}")
+        time.sleep(0.01)
+
+
+def queue_of(client: RawClient, model: str = "smollm2") -> dict[str, Any]:
+    """``system.queue``'s entry for ``model``."""
+    models = client.call("system.queue", req_id="queue")["result"]["models"]
+    entry: dict[str, Any] = next(m for m in models if m["model"] == model)
+    return entry
 
 
 class PrivateBus:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, NotifySocket, RawClient, write_config
+from tests.support import (
+    REPO,
+    Daemon,
+    NotifySocket,
+    RawClient,
+    queue_of,
+    wait_until,
+    write_config,
+)
 
 WATCHDOG_USEC = 400_000
 STOP_TIMEOUT = 30.0  # TimeoutStopSec= of aiosd.service
+PINGS = 8  # watchdog pings whose spacing is checked
 
 
 def _socket_dir() -> Path:
@@ -66,10 +76,7 @@ def test_socket_activated_daemon_notifies_ready_watchdog_and_stops_cleanly() -> 
         cwd=REPO,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
-            time.sleep(0.02)
+        wait_until(socket_path.exists, 10, "socket from systemd-socket-activate")
         # The first connection starts the daemon (systemd-socket-activate execs it on demand).
         first = RawClient(socket_path, timeout=60)
         reply = first.call("system.status", req_id=1)
@@ -77,12 +84,12 @@ def test_socket_activated_daemon_notifies_ready_watchdog_and_stops_cleanly() -> 
         assert reply["result"]["pid"] == proc.pid  # exec'd in place: LISTEN_PID matched
         notify.wait_for("READY=1", timeout=60)
         assert len(probe) == 1 and isinstance(probe[0], dict), probe
-        assert probe[0]["result"]["version"]  # type: ignore[index]
+        assert probe[0]["result"]["version"]
         assert any(f.startswith("STATUS=") for f in notify.fields())
 
-        time.sleep(2.5)
-        pings = notify.times("WATCHDOG=1")
-        assert len(pings) >= 8, f"only {len(pings)} WATCHDOG=1 in 2.5 s at {WATCHDOG_USEC} us"
+        # Eight pings at WATCHDOG_USEC / 2 take 1.6 s; the timeout only guards a silent loop.
+        notify.wait_for("WATCHDOG=1", timeout=30, count=PINGS)
+        pings = notify.times("WATCHDOG=1")[:PINGS]
         gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
         assert max(gaps) < WATCHDOG_USEC / 1e6, f"a watchdog gap of {max(gaps):.3f}s"
         first.close()
@@ -103,35 +110,72 @@ def test_socket_activated_daemon_notifies_ready_watchdog_and_stops_cleanly() -> 
         log.close()
 
 
+def _story(req_id: int, tokens: int) -> dict[str, object]:
+    return {
+        "jsonrpc": "2.0",
+        "id": req_id,
+        "method": "llm.chat",
+        "params": {
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
+            "max_tokens": tokens,
+            "stream": True,
+        },
+    }
+
+
 @pytest.mark.e2e
 def test_sighup_reloads_configuration(tmp_path: Path) -> None:
-    from tests.support import Daemon
-
-    config = write_config(tmp_path)
+    config = write_config(tmp_path)  # two slots, the default queue_size (64)
     daemon = Daemon(tmp_path, config)
+    clients: list[RawClient] = []
     try:
         daemon.wait_ready()
         client = RawClient(daemon.socket_path)
+        clients.append(client)
         assert client.call("system.status")["result"]["state"] == "running"
         config.write_text(config.read_text() + "\n[scheduler]\nqueue_size = 3\nbogus_key = 1\n")
         daemon.proc.send_signal(signal.SIGHUP)
-        daemon.notify.wait_for("RELOADING=1", timeout=10)
-        deadline = time.monotonic() + 10
-        while daemon.notify.fields().count("READY=1") < 2:
-            assert time.monotonic() < deadline, daemon.notify.fields()
-            time.sleep(0.02)
+        reloading = daemon.notify.wait_for("RELOADING=1", timeout=10)
+        assert daemon.wait_ready(timeout=10, count=2) >= reloading
         assert any(f.startswith("MONOTONIC_USEC=") for f in daemon.notify.fields())
         assert "unknown key 'scheduler.bogus_key' ignored" in daemon.log()
         assert client.call("system.status")["result"]["state"] == "running"
+
+        # The new queue_size took effect: with both slots busy, three requests wait and a
+        # fourth is turned away (at the old limit of 64 it would wait too).
+        for req_id in (1, 2):
+            running = RawClient(daemon.socket_path)
+            clients.append(running)
+            running.send(_story(req_id, 1500))
+            assert running.recv()["method"] == "stream"  # it holds a slot now
+        # One connection, one write: four requests arrive together, whatever order they reach
+        # the queue in, the fourth to get there finds it full.
+        waiters = RawClient(daemon.socket_path, timeout=15)
+        clients.append(waiters)
+        waiters.send_raw(b"".join(json.dumps(_story(i, 8)).encode() + b"\n" for i in range(3, 7)))
+        try:
+            busy = waiters.recv()
+        except TimeoutError:
+            raise AssertionError(
+                f"all four requests wait: queue_size = 3 did not take effect {queue_of(client)}"
+            ) from None
+        assert busy["error"]["code"] == -32002, busy  # Busy
+        assert busy["error"]["data"] == {"queue_length": 3, "limit": 3}
+        queue = queue_of(client)
+        assert len(queue["running"]) == 2 and len(queue["waiting"]) == 3, queue
+        for c in clients[1:]:
+            c.close()  # their requests are cancelled: the daemon stops without draining them
+        del clients[1:]
+
         # A broken file on reload is refused and the daemon keeps running as it was.
         config.write_text(config.read_text() + "\n[socket]\nmax_connections = -1\n")
         daemon.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "reload refused" not in daemon.log():
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.05)
+        # READY=1 follows the refusal, which is logged before it.
+        daemon.wait_ready(timeout=10, count=3)
+        assert "reload refused" in daemon.log()
         assert "socket.max_connections" in daemon.log()
         assert client.call("system.status")["result"]["state"] == "running"
-        client.close()
     finally:
+        for c in clients:
+            c.close()
         assert daemon.stop() == 0

@@ -5,13 +5,17 @@ from __future__ import annotations
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import Daemon, RawClient, write_config
+from tests.support import Daemon, RawClient, queue_of, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
+
+PREFILL_WORDS = 500  # a prompt of about 500 tokens: seconds of prefill on one thread
 
 
 def _chat(req_id: int, tokens: int) -> dict[str, object]:
@@ -33,6 +37,11 @@ def _final(client: RawClient) -> dict[str, object]:
     return msg
 
 
+def _wait_queue(observer: RawClient, condition: Callable[[dict[str, Any]], bool]) -> None:
+    """Wait until the model's queue (``system.queue``) satisfies ``condition``."""
+    wait_until(lambda: condition(queue_of(observer)), 30, "such queue", lambda: queue_of(observer))
+
+
 def _start(drain: float) -> Daemon:
     directory = Path(tempfile.mkdtemp(prefix="aiosd-stop-"))
     config = write_config(directory, slots=1)
@@ -46,10 +55,12 @@ def test_running_generation_finishes_and_waiting_one_is_refused() -> None:
     d = _start(drain=20.0)
     try:
         running, waiting = RawClient(d.socket_path), RawClient(d.socket_path)
+        observer = RawClient(d.socket_path)
         running.send(_chat(1, 40))
         assert running.recv()["method"] == "stream"  # it holds the only slot now
         waiting.send(_chat(2, 40))
-        time.sleep(0.2)
+        _wait_queue(observer, lambda q: len(q["waiting"]) == 1)  # queued behind it
+        observer.close()
         d.proc.send_signal(signal.SIGTERM)
         refused = _final(waiting)
         assert refused["error"]["code"] == -32010  # type: ignore[index]
@@ -83,25 +94,34 @@ def test_generation_longer_than_the_drain_timeout_is_cancelled_with_an_error() -
 def test_zero_drain_cancels_at_once_and_stop_during_prefill_is_safe() -> None:
     d = _start(drain=0.0)
     try:
-        client = RawClient(d.socket_path)
-        # A long prompt: the stop lands while llama.cpp is still evaluating it.
+        client, observer = RawClient(d.socket_path), RawClient(d.socket_path)
+        # A long prompt: the stop lands while llama.cpp is still evaluating it. Long enough
+        # for seconds of prefill, not more: the stop waits for the prefill to end.
         client.send(
             {
                 "jsonrpc": "2.0",
                 "id": 1,
                 "method": "llm.chat",
                 "params": {
-                    "messages": [{"role": "user", "content": "lighthouse " * 1500}],
+                    "messages": [{"role": "user", "content": "lighthouse " * PREFILL_WORDS}],
                     "max_tokens": 50,
                     "stream": True,
                 },
             }
         )
-        time.sleep(0.3)
+        # Holding the slot: its prefill has begun (the signal follows within milliseconds).
+        _wait_queue(observer, lambda q: len(q["running"]) == 1)
+        observer.close()
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
+        # Cancelled before its first token, so during the prefill: no stream note came first.
+        reply = client.recv()
+        assert "method" not in reply, f"a token came before the stop landed: {reply}"
+        assert reply["error"]["code"] == -32010, reply  # ShuttingDown
         assert d.proc.wait(30) == 0, d.log()  # no crash from freeing a busy context
+        # At once: no drain at all, the stop cancelled it without waiting.
         assert "cancelling 1 request(s) still running" in d.log()
+        assert "waiting up to 0.0s" in d.log()
         assert time.monotonic() - t0 < 25
     finally:
         d.stop()
