@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from aiosd.api.socket import DEFAULT_RUNTIME_DIRECTORY, SOCKET_NAME
+from aiosd.paths import DEFAULT_RUNTIME_DIRECTORY, SOCKET_NAME
 
 DEFAULT_CONFIG_PATH = Path("/etc/aiosd/aiosd.toml")
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/aiosd")

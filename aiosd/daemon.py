@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from aiosd import __version__, sd
-from aiosd.api.socket import DEFAULT_SOCKET
 from aiosd.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -28,6 +27,7 @@ from aiosd.config import (
 )
 from aiosd.errors import AiosError
 from aiosd.managers import audit
+from aiosd.paths import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from aiosd.api.dbus.service import DBusFrontend
@@ -290,7 +290,7 @@ class Daemon:
             for warning in loaded.warnings:
                 log.warning("%s", warning)
             setup_logging(loaded.config, self.args.log_level)
-            needs_restart = self.kernel.reload(loaded.config)
+            needs_restart = await self.kernel.reload(loaded.config)
             if needs_restart:
                 log.warning(
                     "reloaded; changes to [%s] take effect after a restart",

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from aiosd import __version__
-from aiosd.api.socket import DEFAULT_SOCKET
 from aiosd.cli import data
 from aiosd.cli.data import UsageError
 from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscalls import SYSCALLS
+from aiosd.paths import DEFAULT_SOCKET
 from aiosd.sdk.client import (
     Client,
     DaemonUnreachable,

@@ -109,10 +109,13 @@ class Kernel:
             self.scheduler.add_model(name, backend.slots)
         self._set_state("running")
 
-    def reload(self, config: Config) -> list[str]:
+    async def reload(self, config: Config) -> list[str]:
         """Apply a new config where it can be applied live; return what needs a restart."""
         self._set_state("reloading")
         try:
+            # The access groups' gids, through NSS off the loop (it may be LDAP).
+            admin_gid = await self.users.gid_of(config.access.admin_group, fresh=True)
+            user_gid = await self.users.gid_of(config.access.user_group, fresh=True)
             needs_restart = [
                 section
                 for section in ("socket", "llm", "dbus")
@@ -129,7 +132,7 @@ class Kernel:
                 self.config.daemon.runtime_directory,
             ):
                 needs_restart.append("daemon")
-            self.access.configure(config.access)
+            self.access.configure(config.access, admin_gid, user_gid)
             self.memory.configure(config.memory)
             self.scheduler.set_queue_size(config.scheduler.queue_size)
             self.config = config

@@ -63,13 +63,15 @@ class AccessManager:
     """Decides who may make which syscall, and records every decision."""
 
     def __init__(self, cfg: AccessConfig) -> None:
-        self.configure(cfg)
+        # At construction, before the event loop serves anyone: a direct look-up is fine.
+        self.configure(cfg, _gid_of(cfg.admin_group), _gid_of(cfg.user_group))
 
-    def configure(self, cfg: AccessConfig) -> None:
-        """Apply (or re-apply on reload) the [access] settings."""
+    def configure(self, cfg: AccessConfig, admin_gid: int | None, user_gid: int | None) -> None:
+        """Apply (or re-apply on reload) the [access] settings, with their groups' gids
+        (None: no such group) looked up by the caller."""
         self.cfg = cfg
-        self._admin_gid = _gid_of(cfg.admin_group)
-        self._user_gid = _gid_of(cfg.user_group)
+        self._admin_gid = admin_gid
+        self._user_gid = user_gid
         if self._user_gid is None and not cfg.open_to_all:
             log.warning(
                 "group %r does not exist: only root and %r members can use the daemon",

@@ -89,18 +89,19 @@ class UserDirectory:
         """The uid of user ``name``, or None if there is no such user."""
         return await self._lookup("uid", name, _uid)
 
-    async def gid_of(self, name: str) -> int | None:
-        """The gid of group ``name``, or None if there is no such group."""
-        return await self._lookup("gid", name, _gid)
+    async def gid_of(self, name: str, fresh: bool = False) -> int | None:
+        """The gid of group ``name``, or None if there is no such group; ``fresh`` asks NSS
+        even when an answer is cached (a reload must see a group made a moment ago)."""
+        return await self._lookup("gid", name, _gid, fresh)
 
     async def group_name(self, gid: int) -> str | None:
         """The name of group ``gid``, or None if it has none."""
         return await self._lookup("group", gid, _group_name)
 
-    async def _lookup(self, kind: str, key: K, fn: Callable[[K], V]) -> V:
+    async def _lookup(self, kind: str, key: K, fn: Callable[[K], V], fresh: bool = False) -> V:
         ck = (kind, key)
         now = time.monotonic()
-        hit = self._cache.get(ck)
+        hit = None if fresh else self._cache.get(ck)
         if hit is not None and hit[0] > now:
             return cast(V, hit[1])
         pending = self._pending.get(ck)

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiosd.api.socket import DEFAULT_SOCKET, STREAM_METHOD
+from aiosd.api.socket import STREAM_METHOD
 from aiosd.errors import AiosError, InternalError, error_for_code
+from aiosd.paths import DEFAULT_SOCKET
 
 READ_LIMIT = 64 * 1024 * 1024
 

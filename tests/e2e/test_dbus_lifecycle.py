@@ -5,14 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from aiosd.sdk import Client
 from aiosd.sdk.dbus import BusClient
-from tests.support import REPO, Daemon, PrivateBus, write_config
+from tests.support import (
+    REPO,
+    Daemon,
+    PrivateBus,
+    RawClient,
+    queue_of,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -50,34 +57,21 @@ def test_ready_only_after_the_name_is_owned_and_survives_the_bus_restarting() ->
     )
     try:
         d.wait_ready()
-        deadline = time.monotonic() + 10
-        while not owned_at_ready:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # The notify reader runs on_message before it records READY=1: the answer is in.
         assert owned_at_ready == [True]
         with BusClient(bus.address) as c:
             assert c.call("system.status")["state"] == "running"
 
         bus.stop()  # the bus crashes
-        deadline = time.monotonic() + 10
-        while "lost the connection" not in d.log():
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.05)
+        d.wait_log("lost the connection", 10)
         with Client(d.socket_path) as c:  # the socket goes on serving meanwhile
             assert c.chat("hi", max_tokens=2)["usage"]["completion_tokens"] == 2
         assert d.proc.poll() is None
 
         bus.start()  # and comes back at the same address
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with BusClient(bus.address) as c:
-                    assert c.call("system.status")["state"] == "running"
-                break
-            except Exception:
-                assert time.monotonic() < deadline, d.log()
-                time.sleep(0.2)
-        assert "reconnected" in d.log()
+        d.wait_log("reconnected", 30)
+        with BusClient(bus.address) as c:
+            assert c.call("system.status")["state"] == "running"
         with BusClient(bus.address) as c:
             notes = list(
                 c.stream(
@@ -127,6 +121,12 @@ def test_second_daemon_cannot_take_the_name(tmp_path: Path, private_bus: Private
         )
         assert out.returncode == 1
         assert "org.aiosd.Daemon1 is already owned" in out.stderr
+        # The kernel and the socket were up when the bus refused the name: the failed start
+        # unwinds them as a stop does, and the socket file does not outlive the daemon.
+        assert "listening on" in out.stderr and "stopping" in out.stderr, out.stderr
+        assert not (tmp_path / "run" / "aiosd.sock").exists()
+        with Client(first.socket_path) as c:  # and the first daemon is untouched
+            assert c.call("system.status")["state"] == "running"
     finally:
         assert first.stop() == 0
 
@@ -142,24 +142,31 @@ def test_clients_leaving_or_the_bus_dying_with_calls_in_flight() -> None:
         d.wait_ready()
         # A client with two plain Chat calls in flight leaves: both are cancelled.
         script = (
-            "import sys, threading, os\n"
+            "import sys, threading\n"
             "from aiosd.sdk.dbus import BusClient\n"
             "def go():\n"
             "    c = BusClient(sys.argv[1]); c.connect()\n"
             "    c.call('llm.chat', {'messages': [{'role': 'user', 'content': 'story'}],"
             " 'max_tokens': 1500})\n"
-            "for _ in range(2): threading.Thread(target=go, daemon=True).start()\n"
-            "import time; time.sleep(1.5); os._exit(0)\n"
+            "for _ in range(2): threading.Thread(target=go).start()\n"
         )
-        subprocess.run([sys.executable, "-c", script, bus.address], cwd=REPO, timeout=60)
-        deadline = time.monotonic() + 10
-        while True:
-            with Client(d.socket_path) as c:
-                st = c.call("system.status")
-            if st["running"] == 0 and st["waiting"] == 0:
-                break
-            assert time.monotonic() < deadline, st
-            time.sleep(0.1)
+        raw = RawClient(d.socket_path)
+        proc = subprocess.Popen([sys.executable, "-c", script, bus.address], cwd=REPO)
+        try:
+            # One slot: one Chat holds it, the other waits; then the client dies.
+            wait_until(
+                lambda: (q := queue_of(raw)) and len(q["running"]) == 1 and len(q["waiting"]) == 1,
+                30,
+                "both Chat calls in flight",
+            )
+        finally:
+            proc.kill()
+            proc.wait(30)
+        wait_until(
+            lambda: (q := queue_of(raw)) and not q["running"] and not q["waiting"],
+            30,
+            "both calls of the vanished client cancelled",
+        )
         # The bus dies while a Chat is in flight: the daemon still reconnects.
         client = BusClient(bus.address)
         client.connect()
@@ -176,20 +183,15 @@ def test_clients_leaving_or_the_bus_dying_with_calls_in_flight() -> None:
 
         t = threading.Thread(target=long_call, daemon=True)
         t.start()
-        time.sleep(1.0)
+        wait_until(lambda: len(queue_of(raw)["running"]) == 1, 30, "the D-Bus Chat running")
         bus.stop()
         t.join(30)
         assert errors
         bus.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with BusClient(bus.address) as c:
-                    assert c.call("system.status")["running"] == 0
-                break
-            except Exception:
-                assert time.monotonic() < deadline, d.log()
-                time.sleep(0.2)
+        d.wait_log("reconnected", 30)
+        with BusClient(bus.address) as c:
+            assert c.call("system.status")["running"] == 0
+        raw.close()
         assert "Set changed size" not in d.log() and "Traceback" not in d.log()
     finally:
         assert d.stop() == 0, d.log()

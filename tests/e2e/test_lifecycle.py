@@ -179,3 +179,22 @@ def test_sighup_reloads_configuration(tmp_path: Path) -> None:
         for c in clients:
             c.close()
         assert daemon.stop() == 0
+
+
+@pytest.mark.e2e
+def test_status_follows_connections_and_requests_as_they_change(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, write_config(tmp_path, slots=1))
+    try:
+        daemon.wait_ready()
+        idle = "STATUS=1 model(s), 0 running, 0 waiting, 0 connection(s)"
+        assert daemon.notify.fields()[-1] == idle  # sent with READY=1
+        client = RawClient(daemon.socket_path)
+        # A connection is a kernel change event: STATUS= follows it, nothing polls for it.
+        daemon.notify.wait_for("STATUS=1 model(s), 0 running, 0 waiting, 1 connection(s)", 10)
+        client.send(_story(1, 400))
+        daemon.notify.wait_for("STATUS=1 model(s), 1 running, 0 waiting, 1 connection(s)", 10)
+        client.close()
+        # The client went away: its request is cancelled, its connection closed.
+        daemon.notify.wait_for(idle, 30, count=2)
+    finally:
+        assert daemon.stop() == 0, daemon.log()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import tempfile
 import time
@@ -120,7 +121,11 @@ def test_zero_drain_cancels_at_once_and_stop_during_prefill_is_safe() -> None:
         assert reply["error"]["code"] == -32010, reply  # ShuttingDown
         assert d.proc.wait(30) == 0, d.log()  # no crash from freeing a busy context
         # At once: no drain at all, the stop cancelled it without waiting.
-        assert "cancelling 1 request(s) still running" in d.log()
+        # The stop says, by name, what it cancelled: the syscall and the caller's identity.
+        assert (
+            f"cancelling 1 request(s) still running after 0.0s: llm.chat (uid {os.getuid()}, "
+            f"pid {os.getpid()})" in d.log()
+        ), d.log()
         assert "waiting up to 0.0s" in d.log()
         assert time.monotonic() - t0 < 25
     finally:

@@ -203,7 +203,7 @@ def socket_unit() -> Unit:
 
 
 def test_service_and_socket_agree_on_the_socket_path(service: Unit, socket_unit: Unit) -> None:
-    from aiosd.api.socket import DEFAULT_RUNTIME_DIRECTORY, SOCKET_NAME
+    from aiosd.paths import DEFAULT_RUNTIME_DIRECTORY, SOCKET_NAME
 
     listen = values(socket_unit, "Socket", "ListenStream")
     assert listen == ["/run/aiosd/aiosd.sock"]

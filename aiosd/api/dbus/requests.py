@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from gi.repository import Gio, GLib
@@ -22,7 +22,6 @@ from aiosd.api.dbus.introspection import request_xml
 from aiosd.errors import AiosError, Cancelled, InternalError
 
 if TYPE_CHECKING:
-    from aiosd.api.dbus.service import DBusFrontend
     from aiosd.kernel.syscall_base import Syscall
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,14 @@ class RequestObject:
 
     def __init__(
         self,
-        frontend: DBusFrontend,
+        forget: Callable[[RequestObject], None],
         con: Gio.DBusConnection,
         path: str,
         owner: str,
         syscall: Syscall,
     ) -> None:
-        self.frontend = frontend
+        #: Called (in the GLib thread) once the object is gone from the bus.
+        self._forget = forget
         self.con = con
         self.path = path
         self.owner = owner
@@ -129,7 +129,7 @@ class RequestObject:
             "InterfacesRemoved",
             GLib.Variant("(oas)", (self.path, [names.REQUEST_INTERFACE])),
         )
-        self.frontend.forget(self)
+        self._forget(self)
 
     def _on_call(
         self,

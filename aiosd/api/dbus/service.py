@@ -331,7 +331,7 @@ class DBusFrontend:
     ) -> None:
         con = self._bus.con
         path = f"{names.REQUEST_PATH_PREFIX}/{next(self._ids)}"
-        req = RequestObject(self, con, path, sender, bm.syscall)
+        req = RequestObject(self.forget, con, path, sender, bm.syscall)
         self.requests[path] = req
         invocation.return_value(GLib.Variant("(o)", (path,)))
         req.announce()
