@@ -30,7 +30,6 @@ from aiosd.managers import audit
 from aiosd.paths import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
-    from aiosd.api.dbus.service import DBusFrontend
     from aiosd.api.socket.server import SocketServer
 
 log = logging.getLogger("aiosd")
@@ -120,7 +119,6 @@ class Daemon:
         self.args = args
         self.kernel = Kernel(loaded.config)
         self.socket_server: SocketServer | None = None
-        self.dbus: DBusFrontend | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._status_sent = ""
@@ -142,7 +140,6 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         sd.notify("STATUS=loading models")
         async with contextlib.AsyncExitStack() as stack:
             closing = await stack.enter_async_context(contextlib.AsyncExitStack())
@@ -150,20 +147,40 @@ class Daemon:
             accepting = await stack.enter_async_context(contextlib.AsyncExitStack())
             stack.push_async_callback(self._begin_stop)
             draining.push_async_callback(self._stop_kernel)
-            await self.kernel.start()
-            await self._start_socket(accepting, closing)
-            await self._start_dbus(accepting, closing)
+            # A SIGTERM while models load or the front-ends start ends the start at once:
+            # the cancelled start unwinds through the same stack as a stop.
+            starting = asyncio.ensure_future(self._start(accepting, closing))
+            stopped = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stop requested while starting")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return EXIT_OK
+            starting.result()  # a failed start raises here, after the stack has unwound
             self.kernel.listeners.append(self._status_changed)
             stack.callback(self.kernel.listeners.remove, self._status_changed)
+            # Reloads only between READY=1 and the stop: never over a start or a stop.
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             self._status_sent = self.kernel.status_line()
             sd.notify("READY=1", f"STATUS={self._status_sent}")
             self._announce()
             interval = sd.watchdog_interval()
             if interval:
                 self._spawn(self._watchdog(interval))
-            await self._stop.wait()
+            await stopped
         log.info("stopped")
         return EXIT_OK
+
+    async def _start(
+        self, accepting: contextlib.AsyncExitStack, closing: contextlib.AsyncExitStack
+    ) -> None:
+        """Load the models, then start the front-ends (each pushes its own stop stages)."""
+        await self.kernel.start()
+        await self._start_socket(accepting, closing)
+        await self._start_dbus(accepting, closing)
 
     async def _start_socket(
         self, accepting: contextlib.AsyncExitStack, closing: contextlib.AsyncExitStack
@@ -180,11 +197,14 @@ class Daemon:
             self._stage, server.close, "closing connections", server.peers, "close_timeout"
         )
         await server.start(None if self.args.socket else sd.listen_socket())
-        accepting.push_async_callback(self._stop_accepting_socket, server)
+        accepting.push_async_callback(
+            self._stage,
+            server.stop_accepting,
+            "closing the listening socket",
+            server.peers,
+            "stop_accepting_timeout",
+        )
         await server.self_check()
-
-    async def _stop_accepting_socket(self, server: SocketServer) -> None:
-        await server.stop_accepting(self.config.shutdown.stop_accepting_timeout)
 
     async def _start_dbus(
         self, accepting: contextlib.AsyncExitStack, closing: contextlib.AsyncExitStack
@@ -196,7 +216,6 @@ class Daemon:
 
         frontend = DBusFrontend(self.kernel, self.config.dbus, asyncio.get_running_loop())
         await frontend.start()  # returns once the name is owned: READY=1 may follow
-        self.dbus = frontend
         closing.push_async_callback(
             self._stage, frontend.close, "closing D-Bus", frontend.pending, "close_timeout"
         )
@@ -290,7 +309,11 @@ class Daemon:
             for warning in loaded.warnings:
                 log.warning("%s", warning)
             setup_logging(loaded.config, self.args.log_level)
-            needs_restart = await self.kernel.reload(loaded.config)
+            try:
+                needs_restart = await self.kernel.reload(loaded.config)
+            except AiosError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                return
             if needs_restart:
                 log.warning(
                     "reloaded; changes to [%s] take effect after a restart",
@@ -298,8 +321,10 @@ class Daemon:
                 )
             else:
                 log.info("configuration reloaded")
-        self._status_sent = self.kernel.status_line()
-        sd.notify("READY=1", f"STATUS={self._status_sent}")
+        finally:
+            # systemd waits for READY=1 after RELOADING=1, whatever became of the reload.
+            self._status_sent = self.kernel.status_line()
+            sd.notify("READY=1", f"STATUS={self._status_sent}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from aiosd.managers import audit
+
 #: A callback holding its loop longer than this fails the test (seconds).
 LOOP_BLOCK_LIMIT = 0.05
 #: How long a thread the test started may take to end after the test (seconds, all threads).
@@ -339,6 +341,9 @@ def verify_cleanup(request: pytest.FixtureRequest, _cleanup_instruments: None) -
     problems = [*findings.lingering, *findings.blocks]
     if findings.more_blocks:
         problems.append(f"... and {findings.more_blocks} more callbacks over the limit")
+    # The audit writer is the process's own service, not the test's: it idles for a second
+    # after its last record, so end it (a no-op when none runs) before looking at threads.
+    audit.stop()
     problems += [_thread_report(t) for t in _lingering_threads(threads_before)]
     if problems:
         pytest.fail(

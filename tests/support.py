@@ -45,12 +45,13 @@ class NotifySocket:
             if not data and self._closed:  # close() shut the socket down to wake us
                 return
             now = time.monotonic()
-            for field in data.decode().splitlines():
-                if self.on_message is not None:
+            fields = data.decode().splitlines()
+            if self.on_message is not None:
+                for field in fields:
                     self.on_message(field)
-                with self._cond:
-                    self.messages.append((now, field))
-                    self._cond.notify_all()
+            with self._cond:  # a datagram's fields arrive together, as systemd reads them
+                self.messages.extend((now, field) for field in fields)
+                self._cond.notify_all()
 
     def wait_for(
         self,
@@ -270,6 +271,20 @@ def wait_until(
             shown = f":\n{detail()}" if detail is not None else ""
             raise AssertionError(f"no {what} within {timeout}s{shown}")
         time.sleep(0.01)
+
+
+def story_request(req_id: int, tokens: int) -> dict[str, object]:
+    """A streamed ``llm.chat`` request whose answer runs for all of ``tokens``."""
+    return {
+        "jsonrpc": "2.0",
+        "id": req_id,
+        "method": "llm.chat",
+        "params": {
+            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
+            "max_tokens": tokens,
+            "stream": True,
+        },
+    }
 
 
 def queue_of(client: RawClient, model: str = "smollm2") -> dict[str, Any]:

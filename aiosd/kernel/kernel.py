@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiosd.config import Config
-from aiosd.errors import ShuttingDown
+from aiosd.errors import AiosError, ShuttingDown
 from aiosd.kernel.dispatch import SyscallPath
 from aiosd.kernel.families.llm import ChatService, LlmSyscalls
 from aiosd.kernel.families.memory import MemorySyscalls
@@ -28,6 +28,9 @@ from aiosd.managers.storage import Limits, StorageManager
 from aiosd.managers.users import UserDirectory
 
 log = logging.getLogger(__name__)
+
+#: How long a reload waits for the access groups' NSS look-ups (seconds).
+NSS_TIMEOUT = 10.0
 
 #: What :meth:`Kernel.dispatch` returns: finished at once (``done()``) or a running task.
 Call = asyncio.Future[dict[str, Any]]
@@ -51,12 +54,12 @@ class Kernel:
         self.scheduler = Scheduler(config.scheduler.queue_size, on_change=self.changed)
         #: Called (on the event loop) whenever the state, queue or models change.
         self.listeners: list[Callable[[], None]] = []
-        self.backends: dict[str, Backend] = (
+        self.models = Models(
             backends
             if backends is not None
-            else {name: build_backend(name, m) for name, m in config.llm.models.items()}
+            else {name: build_backend(name, m) for name, m in config.llm.models.items()},
+            config.llm.default_model,
         )
-        self.models = Models(self.backends, config.llm.default_model)
         self.users = UserDirectory()
         st = config.storage
         self.storage = StorageManager(
@@ -73,6 +76,7 @@ class Kernel:
         self.pid = os.getpid()  # a syscall each time otherwise; the daemon never forks
         self.connections = 0
         self._inflight: set[asyncio.Task[dict[str, Any]]] = set()
+        self._reloading = asyncio.Lock()
         #: The syscall table this kernel serves.
         self.syscalls: Mapping[str, Syscall] = SYSCALLS if syscalls is None else syscalls
         self._path = SyscallPath(
@@ -94,9 +98,13 @@ class Kernel:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """Tell the front-ends that something they show has changed."""
+        """Tell the front-ends that something they show has changed (never raises: the
+        scheduler calls this while it hands out slots)."""
         for listener in list(self.listeners):
-            listener()
+            try:
+                listener()
+            except Exception:
+                log.exception("a change listener failed")
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -110,35 +118,71 @@ class Kernel:
         self._set_state("running")
 
     async def reload(self, config: Config) -> list[str]:
-        """Apply a new config where it can be applied live; return what needs a restart."""
-        self._set_state("reloading")
+        """Apply a new config where it can be applied live; return what needs a restart.
+
+        Reloads run one at a time, and never once a stop has begun (that raises
+        ShuttingDown): a reload must not turn a stopping kernel back to running.
+        """
+        async with self._reloading:
+            if self.state == "stopping":
+                raise ShuttingDown("the daemon is stopping; the reload was not applied")
+            before = self.state
+            self._set_state("reloading")
+            try:
+                return await self._apply(config)
+            finally:
+                if self.state == "reloading":
+                    self._set_state(before)
+
+    async def _apply(self, config: Config) -> list[str]:
+        needs_restart = [
+            section
+            for section in ("socket", "llm", "dbus")
+            if getattr(config, section) != getattr(self.config, section)
+        ]
+        # Storage limits are read when a user's store opens; max_value_bytes applies live.
+        unchanged = {"max_value_bytes": 0}
+        if config.storage.model_copy(update=unchanged) != self.config.storage.model_copy(
+            update=unchanged
+        ):
+            needs_restart.append("storage")
+        if (config.daemon.state_directory, config.daemon.runtime_directory) != (
+            self.config.daemon.state_directory,
+            self.config.daemon.runtime_directory,
+        ):
+            needs_restart.append("daemon")
+        self.access.configure(config.access, *await self._access_gids(config))
+        self.memory.configure(config.memory)
+        self.scheduler.set_queue_size(config.scheduler.queue_size)
+        self.config = config
+        return needs_restart
+
+    async def _access_gids(self, config: Config) -> tuple[int | None, int | None]:
+        """The access groups' gids, through NSS off the loop (it may be LDAP), fresh."""
+        names = (config.access.admin_group, config.access.user_group)
         try:
-            # The access groups' gids, through NSS off the loop (it may be LDAP).
-            admin_gid = await self.users.gid_of(config.access.admin_group, fresh=True)
-            user_gid = await self.users.gid_of(config.access.user_group, fresh=True)
-            needs_restart = [
-                section
-                for section in ("socket", "llm", "dbus")
-                if getattr(config, section) != getattr(self.config, section)
-            ]
-            # Storage limits are read when a user's store opens; max_value_bytes applies live.
-            unchanged = {"max_value_bytes": 0}
-            if config.storage.model_copy(update=unchanged) != self.config.storage.model_copy(
-                update=unchanged
-            ):
-                needs_restart.append("storage")
-            if (config.daemon.state_directory, config.daemon.runtime_directory) != (
-                self.config.daemon.state_directory,
-                self.config.daemon.runtime_directory,
-            ):
-                needs_restart.append("daemon")
-            self.access.configure(config.access, admin_gid, user_gid)
-            self.memory.configure(config.memory)
-            self.scheduler.set_queue_size(config.scheduler.queue_size)
-            self.config = config
-            return needs_restart
-        finally:
-            self._set_state("running")
+            admin, user = await asyncio.wait_for(
+                asyncio.gather(*(self.users.gid_of(n, fresh=True) for n in names)),
+                NSS_TIMEOUT,
+            )
+        except (TimeoutError, OSError) as exc:
+            old = self.access.cfg
+            if (old.admin_group, old.user_group) != names:
+                raise AiosError(
+                    f"cannot look up the groups {names[0]!r} and {names[1]!r}: {exc!r}"
+                ) from None
+            log.warning(
+                "reload: looking up groups %r and %r failed (%r): keeping their gids",
+                *names,
+                exc,
+            )
+            return self.access.gids()
+        return admin, user
+
+    @property
+    def backends(self) -> Mapping[str, Backend]:
+        """The configured models' backends, by name (owned by :attr:`models`)."""
+        return self.models.backends
 
     def running(self) -> list[str]:
         """The requests in flight, by name (syscall, caller), for a stop that waits on them."""
@@ -157,7 +201,7 @@ class Kernel:
                 "cancelling %d request(s) still running after %.1fs: %s",
                 len(pending),
                 drain_timeout,
-                ", ".join(sorted(t.get_name() for t in pending)),
+                ", ".join(self.running()),
             )
             for task in pending:
                 task.cancel()
@@ -166,7 +210,7 @@ class Kernel:
                 log.warning(
                     "request(s) still running %.1fs after being cancelled: %s",
                     close_timeout,
-                    ", ".join(sorted(t.get_name() for t in pending)),
+                    ", ".join(self.running()),
                 )
         # Short-term memory ends with the daemon; pinned entries are kept in storage.
         await _closing(self.memory.persist_pinned, close_timeout, "keeping pinned memory")

@@ -49,7 +49,8 @@ class Result(BaseModel):
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 #: ``handler(family, params, caller, emit)``: a plain function when the syscall has nothing to
 #: wait for (it then runs with no task of its own), an ``async def`` when it waits.  ``emit``
-#: is given only to streaming syscalls whose caller asked for a stream; None otherwise.
+#: is None for syscalls not declared ``streams``; a streaming handler decides from its own
+#: parameters (``llm.chat``'s ``stream``) whether to use it.
 Handler = Callable[[Any, Any, Caller, "Emit | None"], "Result | Awaitable[Result]"]
 
 

@@ -79,6 +79,10 @@ class AccessManager:
                 cfg.admin_group,
             )
 
+    def gids(self) -> tuple[int | None, int | None]:
+        """The admin and user groups' gids in use (None: no such group)."""
+        return self._admin_gid, self._user_gid
+
     def role(self, caller: Caller) -> Role:
         """The caller's role, looked up from its uid and groups."""
         if caller.uid == 0 or caller.in_group(self._admin_gid):

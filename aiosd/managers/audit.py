@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 LOGGER = "aiosd.audit"
@@ -40,30 +41,42 @@ IDLE_EXIT = 1.0
 LINGER = 0.005
 
 _logger = logging.getLogger(LOGGER)
-_journal_send: Callable[..., Any] | None = None
-_stream: IO[str] | None = None
-_prefix = f"aiosd[{os.getpid()}]: INFO {LOGGER}: "
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where records go: journald's ``send``, else a stream (None: ``sys.stderr`` then)."""
+
+    send: Callable[..., Any] | None
+    stream: IO[str] | None
+    prefix: str
+
+
+def _line_prefix() -> str:
+    return f"aiosd[{os.getpid()}]: INFO {LOGGER}: "  # getpid is a syscall: once, not per line
+
+
+#: Each record takes the target current when it was made, so switching never waits for the
+#: writer: what was recorded before a switch still goes where it was meant to.
+_target = _Target(None, None, _line_prefix())
 
 
 def to_journal() -> None:
     """Send records to journald, with the fields ``AIOS_SYSCALL``, ``AIOS_UID``… ."""
-    global _journal_send, _stream
+    global _target
     from systemd.journal import send
 
-    flush()  # what was recorded before goes where it was meant to
-    _journal_send, _stream = send, None
+    _target = _Target(send, None, _line_prefix())
 
 
 def to_stream(stream: IO[str] | None = None) -> None:
     """Write records as lines to ``stream``; ``None`` means whatever ``sys.stderr`` is then."""
-    global _journal_send, _stream, _prefix
-    flush()
-    _journal_send, _stream = None, stream
-    _prefix = f"aiosd[{os.getpid()}]: INFO {LOGGER}: "  # getpid is a syscall: once, not per line
+    global _target
+    _target = _Target(None, stream, _line_prefix())
 
 
-#: One queued record: (message, uid, pid, aid, syscall, verdict).
-_Record = tuple[str, int, int, str, str, str]
+#: One queued record: (target, message, uid, pid, aid, syscall, verdict).
+_Record = tuple[_Target, str, int, int, str, str, str]
 
 
 class _Writer:
@@ -75,7 +88,12 @@ class _Writer:
         self.dropped = 0
         self.busy = False  # the thread holds records taken from the queue, not yet written
         self.stopping = False
+        #: The last write failed unexpectedly: the lost-records note waits for a new record.
+        self.stalled = False
         self.thread: threading.Thread | None = None
+
+    def _pending(self) -> bool:
+        return bool(self.queue) or (self.dropped > 0 and not self.stalled)
 
     def put(self, rec: _Record) -> None:
         with self.cond:
@@ -84,43 +102,66 @@ class _Writer:
                 return
             self.queue.append(rec)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="audit", daemon=True)
-                self.thread.start()
+                thread = threading.Thread(target=self._run, name="audit", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread can start (interpreter exit): counted lost
+                    self.queue.pop()
+                    self.dropped += 1
+                    return
+                self.thread = thread
             elif len(self.queue) == 1:
                 self.cond.notify()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while self._step():
+                pass
+        finally:
+            # However the thread ends, the next record starts a new one.
             with self.cond:
-                if not self.queue and not self.dropped:
-                    if not self.stopping:
-                        self.cond.wait(IDLE_EXIT)
-                    if not self.queue and not self.dropped:
-                        self.thread = None
-                        self.cond.notify_all()
-                        return
-            if not self.stopping:
-                # Let records gather: one wake-up and one write(2) for many of them, instead
-                # of a thread switch per record taking the GIL from the event loop.
-                time.sleep(LINGER)
+                if self.thread is threading.current_thread():
+                    self.thread = None
+                self.busy = False
+                self.cond.notify_all()
+
+    def _step(self) -> bool:
+        """Write one batch; False when the writer has been idle long enough to end."""
+        with self.cond:
+            if not self._pending():
+                if not self.stopping:
+                    self.cond.wait(IDLE_EXIT)
+                if not self._pending():
+                    return False
+        if not self.stopping:
+            # Let records gather: one wake-up and one write(2) for many of them, instead
+            # of a thread switch per record taking the GIL from the event loop.
+            time.sleep(LINGER)
+        with self.cond:
+            batch, self.queue = self.queue, collections.deque()
+            dropped, self.dropped = self.dropped, 0
+            self.busy = True
+        try:
+            if dropped:
+                note = f"audit: {dropped} record(s) lost: the audit writer fell behind"
+                batch.appendleft((_target, note, -1, -1, "", "audit", "lost"))
+            _write(batch)
+        except Exception:  # a sink that fails in a way no write anticipated: count, go on
             with self.cond:
-                batch, self.queue = self.queue, collections.deque()
-                dropped, self.dropped = self.dropped, 0
-                self.busy = True
-            try:
-                if dropped:
-                    note = f"audit: {dropped} record(s) lost: the audit writer fell behind"
-                    batch.appendleft((note, -1, -1, "", "audit", "lost"))
-                _write(batch)
-            finally:
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()  # wakes flush()
+                self.dropped += dropped + len(batch) - (1 if dropped else 0)
+                self.stalled = True
+        else:
+            self.stalled = False
+        finally:
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()  # wakes flush()
+        return True
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self.cond:
-            while self.queue or self.dropped or self.busy:
+            while self._pending() or self.busy:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.thread is None:
                     return False
@@ -128,13 +169,14 @@ class _Writer:
         return True
 
     def stop(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         written = self.flush(timeout)
         with self.cond:
             thread = self.thread
             self.stopping = True
             self.cond.notify_all()
         if thread is not None:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self.cond:
             self.stopping = False
         return written
@@ -164,17 +206,21 @@ def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, deta
     message = f"{syscall} uid={uid} pid={pid} aid={aid or '-'} verdict={verdict}" + (
         f" ({detail})" if detail else ""
     )
-    _writer.put((message, uid, pid, aid or "", syscall, verdict))
+    _writer.put((_target, message, uid, pid, aid or "", syscall, verdict))
 
 
 def _write(batch: collections.deque[_Record]) -> None:
-    """Write records where they go now (in the writer thread)."""
-    send = _journal_send
+    """Write records, each where it was meant to go (in the writer thread)."""
     lines: list[str] = []
-    for message, uid, pid, aid, syscall, verdict in batch:
-        if send is not None:
+    current: _Target | None = None
+    for target, message, uid, pid, aid, syscall, verdict in batch:
+        if target is not current:
+            if lines and current is not None:
+                _write_lines(current, "".join(lines))
+            lines, current = [], target
+        if target.send is not None:
             try:
-                send(
+                target.send(
                     message,
                     MESSAGE_ID=MESSAGE_ID,
                     # Given, so that the binding does not walk the stack to find them.
@@ -193,15 +239,15 @@ def _write(batch: collections.deque[_Record]) -> None:
                 continue
             except (OSError, UnicodeError):
                 pass  # journald refused it, or a name no UTF-8 can carry: stderr gets it
-        lines.append(f"{_prefix}{message}\n")
-    if lines:
-        _write_lines("".join(lines))
+        lines.append(f"{target.prefix}{message}\n")
+    if lines and current is not None:
+        _write_lines(current, "".join(lines))
 
 
-def _write_lines(text: str) -> None:
+def _write_lines(target: _Target, text: str) -> None:
     # A method name may hold lone surrogates (JSON "\udc80"): written escaped, never refused.
     data = text.encode("utf-8", "backslashreplace")
-    stream = _stream if _stream is not None else sys.stderr
+    stream = target.stream if target.stream is not None else sys.stderr
     try:
         try:
             fd = stream.fileno()

@@ -92,8 +92,9 @@ def test_user_outside_the_groups_is_refused(
         err = reply["error"]
         assert err["code"] == -32001
         assert f"uid {out.uid}" in err["message"] and "'aios'" in err["message"]
-    log = open_daemon.log()
-    assert f"system.status uid={out.uid}" in log and "verdict=denied" in log
+    # Audit records are written by the daemon's writer thread a moment after the reply.
+    open_daemon.wait_log(f"system.status uid={out.uid}", 10)
+    assert "verdict=denied" in open_daemon.log()
 
 
 def test_member_of_aios_is_served_as_itself(
@@ -111,7 +112,7 @@ def test_member_of_aios_is_served_as_itself(
     )
     assert chat["result"]["usage"]["completion_tokens"] == 4
     assert chat["result"]["message"]["content"]
-    assert f"llm.chat uid={user.uid}" in open_daemon.log()
+    open_daemon.wait_log(f"llm.chat uid={user.uid}", 10)
 
 
 def test_identity_cannot_be_claimed_in_the_payload(
@@ -155,9 +156,9 @@ def test_identity_cannot_be_claimed_in_the_payload(
     assert replies[5]["result"]["version"] == 1, replies[5]
     assert replies[6]["result"]["uid"] == user.uid
     # The audit trail has the socket peer's pid and no agent id, not the claimed ones.
+    open_daemon.wait_log(f"system.status uid={user.uid} pid={pid} aid=- verdict=ok", 10)
+    open_daemon.wait_log(f"storage.put uid={user.uid} pid={pid} aid=- verdict=ok", 10)
     log = open_daemon.log()
-    assert f"system.status uid={user.uid} pid={pid} aid=- verdict=ok" in log
-    assert f"storage.put uid={user.uid} pid={pid} aid=- verdict=ok" in log
     assert "uid=0 pid=1 " not in log and "claimed-agent" not in log
     # The write landed in the real user's store, and the other user has none.
     assert (store / f"{user.uid}.sqlite").exists()

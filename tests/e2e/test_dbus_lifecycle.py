@@ -189,6 +189,8 @@ def test_clients_leaving_or_the_bus_dying_with_calls_in_flight() -> None:
         assert errors
         bus.start()
         d.wait_log("reconnected", 30)
+        # The Chat whose client the bus took away is cancelled, and the bus serves again.
+        wait_until(lambda: not queue_of(raw)["running"], 30, "the orphaned Chat cancelled")
         with BusClient(bus.address) as c:
             assert c.call("system.status")["running"] == 0
         raw.close()

@@ -18,6 +18,7 @@ from tests.support import (
     NotifySocket,
     RawClient,
     queue_of,
+    story_request,
     wait_until,
     write_config,
 )
@@ -110,19 +111,6 @@ def test_socket_activated_daemon_notifies_ready_watchdog_and_stops_cleanly() -> 
         log.close()
 
 
-def _story(req_id: int, tokens: int) -> dict[str, object]:
-    return {
-        "jsonrpc": "2.0",
-        "id": req_id,
-        "method": "llm.chat",
-        "params": {
-            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
-            "max_tokens": tokens,
-            "stream": True,
-        },
-    }
-
-
 @pytest.mark.e2e
 def test_sighup_reloads_configuration(tmp_path: Path) -> None:
     config = write_config(tmp_path)  # two slots, the default queue_size (64)
@@ -146,13 +134,15 @@ def test_sighup_reloads_configuration(tmp_path: Path) -> None:
         for req_id in (1, 2):
             running = RawClient(daemon.socket_path)
             clients.append(running)
-            running.send(_story(req_id, 1500))
+            running.send(story_request(req_id, 1500))
             assert running.recv()["method"] == "stream"  # it holds a slot now
         # One connection, one write: four requests arrive together, whatever order they reach
         # the queue in, the fourth to get there finds it full.
         waiters = RawClient(daemon.socket_path, timeout=15)
         clients.append(waiters)
-        waiters.send_raw(b"".join(json.dumps(_story(i, 8)).encode() + b"\n" for i in range(3, 7)))
+        waiters.send_raw(
+            b"".join(json.dumps(story_request(i, 8)).encode() + b"\n" for i in range(3, 7))
+        )
         try:
             busy = waiters.recv()
         except TimeoutError:
@@ -186,15 +176,23 @@ def test_status_follows_connections_and_requests_as_they_change(tmp_path: Path) 
     daemon = Daemon(tmp_path, write_config(tmp_path, slots=1))
     try:
         daemon.wait_ready()
+        fields = daemon.notify.fields()
+        ready = fields.index("READY=1")
         idle = "STATUS=1 model(s), 0 running, 0 waiting, 0 connection(s)"
-        assert daemon.notify.fields()[-1] == idle  # sent with READY=1
+        # Sent with READY=1 in one datagram; the self-check's own connection is gone by then.
+        assert fields[ready + 1] == idle, fields
         client = RawClient(daemon.socket_path)
         # A connection is a kernel change event: STATUS= follows it, nothing polls for it.
-        daemon.notify.wait_for("STATUS=1 model(s), 0 running, 0 waiting, 1 connection(s)", 10)
-        client.send(_story(1, 400))
+        one = "STATUS=1 model(s), 0 running, 0 waiting, 1 connection(s)"
+        daemon.notify.wait_for(one, 10)
+        client.send(story_request(1, 400))
         daemon.notify.wait_for("STATUS=1 model(s), 1 running, 0 waiting, 1 connection(s)", 10)
         client.close()
         # The client went away: its request is cancelled, its connection closed.
         daemon.notify.wait_for(idle, 30, count=2)
+        after = [f for f in daemon.notify.fields()[ready + 1 :] if f.startswith("STATUS=")]
+        assert after[0] == idle and one in after, after
+        repeats = [a for a, b in zip(after, after[1:], strict=False) if a == b]
+        assert not repeats, f"a STATUS= repeated: {after}"
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -12,24 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.support import Daemon, RawClient, queue_of, wait_until, write_config
+from tests.support import Daemon, RawClient, queue_of, story_request, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
 PREFILL_WORDS = 500  # a prompt of about 500 tokens: seconds of prefill on one thread
-
-
-def _chat(req_id: int, tokens: int) -> dict[str, object]:
-    return {
-        "jsonrpc": "2.0",
-        "id": req_id,
-        "method": "llm.chat",
-        "params": {
-            "messages": [{"role": "user", "content": "Write a very long story about a lighthouse"}],
-            "max_tokens": tokens,
-            "stream": True,
-        },
-    }
 
 
 def _final(client: RawClient) -> dict[str, object]:
@@ -57,9 +44,9 @@ def test_running_generation_finishes_and_waiting_one_is_refused() -> None:
     try:
         running, waiting = RawClient(d.socket_path), RawClient(d.socket_path)
         observer = RawClient(d.socket_path)
-        running.send(_chat(1, 40))
+        running.send(story_request(1, 40))
         assert running.recv()["method"] == "stream"  # it holds the only slot now
-        waiting.send(_chat(2, 40))
+        waiting.send(story_request(2, 40))
         _wait_queue(observer, lambda q: len(q["waiting"]) == 1)  # queued behind it
         observer.close()
         d.proc.send_signal(signal.SIGTERM)
@@ -77,7 +64,7 @@ def test_generation_longer_than_the_drain_timeout_is_cancelled_with_an_error() -
     d = _start(drain=1.0)
     try:
         client = RawClient(d.socket_path)
-        client.send(_chat(1, 1500))
+        client.send(story_request(1, 1500))
         assert client.recv()["method"] == "stream"
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)

@@ -153,3 +153,34 @@ def test_a_stalled_sink_never_stalls_the_caller_and_losses_are_recorded(
     assert lost, "records were lost without a record saying so"
     n_lost = sum(int(re.search(r"audit: (\d+) record\(s\) lost", ln)[1]) for ln in lost)  # type: ignore[index]
     assert len(kept) + n_lost == total  # every record is either written or counted
+
+
+def test_a_sink_that_raises_does_not_end_auditing(tmp_path: Path) -> None:
+    class Exploding:
+        """A stream with no file descriptor whose writes fail in an unforeseen way."""
+
+        def write(self, text: str) -> int:
+            raise RuntimeError("boom")
+
+        def flush(self) -> None:
+            pass
+
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        audit.to_stream(Exploding())  # type: ignore[arg-type]
+        audit.record(0, 1, None, "test.first", "ok", "")  # must not raise
+        assert audit.flush(10), "flush waited on a record that can never be written"
+        with (tmp_path / "audit.log").open("w+") as sink:
+            audit.to_stream(sink)
+            audit.record(0, 1, None, "test.second", "ok", "")
+            assert audit.flush(10)
+            sink.seek(0)
+            text = sink.read()
+    finally:
+        audit.to_stream(None)
+        audit.stop()
+        logger.setLevel(before)
+    assert "test.second uid=0" in text  # the writer lives on
+    assert "audit: 1 record(s) lost" in text  # and says what the broken sink cost

@@ -146,19 +146,20 @@ class SocketServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+        # And until our side has let it go: the first STATUS= must not count the probe.
+        own = [c for c in self._connections if c.caller is not None and c.caller.pid == os.getpid()]
+        await asyncio.gather(*(c.finished.wait() for c in own))
 
-    async def stop_accepting(self, timeout: float) -> None:
+    async def stop_accepting(self) -> None:
         """Close the listening socket; established connections keep being served."""
         if self._server is not None:
             self._server.close()
-            try:
-                # Python 3.12+ also waits here for connections to end: bounded by the stage.
-                await asyncio.wait_for(self._server.wait_closed(), timeout)
-            except TimeoutError:
-                pass
         if not self.activated:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+        if self._server is not None:
+            # Python 3.12+ also waits here for connections to end: the caller bounds it.
+            await self._server.wait_closed()
 
     async def close(self) -> None:
         """Drop every connection (what was already written to them is still sent)."""
@@ -171,9 +172,8 @@ class SocketServer:
         """The open connections, by peer, for a stop that has to wait on them."""
         out = []
         for conn in self._connections:
-            c = conn.caller
-            who = f"uid {c.uid} pid {c.pid}" if c is not None else "unidentified peer"
-            out.append(f"{who} ({len(conn.tasks)} request(s) in flight)")
+            if (c := conn.caller) is not None:  # every admitted connection has one
+                out.append(f"uid {c.uid} pid {c.pid} ({len(conn.tasks)} request(s) in flight)")
         return sorted(out)
 
     def _admit(self, conn: _Connection) -> Caller | None:

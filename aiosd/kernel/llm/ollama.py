@@ -103,11 +103,11 @@ class OllamaBackend(Backend):
 
     async def close(self) -> None:
         """Close the HTTP client."""
-        try:
-            await self._client.close()  # type: ignore[no-untyped-call]  # unannotated upstream
-            await self._http.aclose()
-        except Exception as exc:  # noqa: BLE001 - shutdown must go on
-            log.debug("closing the Ollama client failed: %s", exc)
+        for close in (self._client.close, self._http.aclose):
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - shutdown must go on
+                log.debug("closing an Ollama client failed: %s", exc)
 
     def info(self) -> ModelInfo:
         """Describe the model for ``llm.models``."""
