@@ -52,7 +52,7 @@ class Kernel:
         self.config = config
         self.access = AccessManager(config.access)
         self.scheduler = Scheduler(config.scheduler.queue_size, on_change=self.changed)
-        #: Called (on the event loop) whenever the state, queue or models change.
+        #: Called (on the event loop) whenever the state, the queue or the connections change.
         self.listeners: list[Callable[[], None]] = []
         self.models = Models(
             backends

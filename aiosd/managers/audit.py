@@ -191,7 +191,8 @@ def flush(timeout: float = 5.0) -> bool:
 
 
 def stop(timeout: float = 5.0) -> bool:
-    """:func:`flush`, then end the writer thread now (a later record starts a new one)."""
+    """:func:`flush`, then end the writer thread now (a later record starts a new one);
+    all within ``timeout``."""
     return _writer.stop(timeout)
 
 

@@ -88,7 +88,7 @@ class DaemonState(Protocol):
 
     @property
     def connections(self) -> int:
-        """Open client connections, over every front-end."""
+        """Open socket connections (bus clients share the daemon's one bus connection)."""
 
 
 class SystemSyscalls:
