@@ -13,12 +13,15 @@ daemon being killed; ``durability = "full"`` also syncs the WAL at every commit,
 survives power loss.
 
 A file records its schema version in ``PRAGMA user_version``; :data:`MIGRATIONS` bring an
-older file up to date, one transaction each, and a newer file is refused untouched.
+older file up to date, one transaction each, and a newer file is refused untouched.  Only a
+file SQLite finds damaged is moved aside, at its first open of a run; any other failure to
+open (a lock, no file descriptor left, an I/O error) leaves the file in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -99,6 +102,8 @@ WORKERS = min(32, (os.cpu_count() or 1) + 4)
 #: Jobs of one store a worker runs in a row before it goes back to the end of the pool's
 #: queue, so one user's backlog cannot keep the workers from the others.
 BATCH = 8
+#: How long a connection waits for another's lock on the file before it fails (seconds).
+BUSY_TIMEOUT = 5.0
 
 
 class Usage(TypedDict):
@@ -217,6 +222,12 @@ def _meta_text(metadata: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file is damaged or not a database (not merely unreadable now)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def fts_query(text: str) -> str:
     """A user's words as a safe FTS5 query: every word must match (quoted, so no syntax)."""
     words = [w for w in text.split() if w]
@@ -234,77 +245,127 @@ class UserStore:
         self.limits = limits
         self.durability = durability
         self.db: sqlite3.Connection | None = None
+        #: Why :meth:`open` refused the file (a newer schema), which stays so for this run.
+        self.refused: AiosError | None = None
 
     # --- opening --------------------------------------------------------------------------
 
     def open(self, check: bool = True) -> None:
         """Open the database, creating and migrating it as needed; ``check``: damaged goes aside."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        version = 0
-        if self.path.exists():
-            found = self._inspect(check)
-            if found is None:
-                self._quarantine()
-            else:
-                version = found
-        if version > len(MIGRATIONS):
-            # A newer aiosd may have changed the tables in ways this code would damage.
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            version = self._inspect(check) if self.path.exists() else 0
+            db = self._connect()
+            try:
+                self._migrate(db, version)
+                os.chmod(self.path, 0o600)
+            except BaseException:
+                db.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            # A locked file, a lack of file descriptors or an I/O error says nothing about the
+            # data: the file stays where it is, and a later request tries again.
             log.error(
-                "storage of uid %d (%s) has schema version %d; this aiosd knows versions up "
-                "to %d: left untouched",
+                "storage of uid %d (%s) could not be opened: %s; the file is left in place",
                 self.uid,
                 self.path,
-                version,
-                len(MIGRATIONS),
+                exc,
             )
             raise AiosError(
-                f"storage of uid {self.uid} was written by a newer aiosd (schema version "
-                f"{version}; this one knows up to {len(MIGRATIONS)}): it is left untouched; "
-                "upgrade aiosd to use it"
-            )
-        db = self._connect()
-        try:
-            self._migrate(db, version)
-            os.chmod(self.path, 0o600)
-        except BaseException:
-            db.close()
-            raise
+                f"storage of uid {self.uid} could not be opened: {exc} (the file is left in "
+                "place; the next request tries again)"
+            ) from exc
         self.db = db
 
     def _connect(self) -> sqlite3.Connection:
         # Not bound to the opening thread: the store's job queue, not the thread, keeps one
         # user of the connection at a time, on whichever pool worker is free.
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
-        db.execute("PRAGMA busy_timeout = 5000")
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+        )
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {'FULL' if self.durability == 'full' else 'NORMAL'}")
+        except BaseException:
+            db.close()
+            raise
         return db
 
-    def _inspect(self, check: bool) -> int | None:
-        """The file's schema version; None if it is damaged (only looked for with ``check``)."""
-        # Read before the connection proper, which switches the file to WAL: a file this code
-        # cannot read must not be changed at all.
+    def _inspect(self, check: bool) -> int:
+        """The schema version, read-only; refuses a newer one; ``check``: damaged goes aside (0)."""
+        problem: str | None = None
         try:
-            db = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                if check and db.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
-                    return None
-                return int(db.execute("PRAGMA user_version").fetchone()[0])
-            finally:
-                db.close()
-        except sqlite3.DatabaseError:
-            return None
+            # Before any check: a file this code must not use is left as it is (quick_check
+            # cannot even parse the schema of some newer files).
+            version = self._version()
+            if version > len(MIGRATIONS):
+                raise self._refuse(version)
+            if check:
+                problem = self._quick_check()
+        except sqlite3.DatabaseError as exc:
+            if not (check and _damaged(exc)):
+                raise
+            problem = str(exc)
+        if problem is None:
+            return version
+        self._quarantine(problem)
+        return 0
 
-    def _quarantine(self) -> None:
+    def _version(self) -> int:
+        """The file's ``user_version``, read through a read-only connection."""
+        db = sqlite3.connect(
+            self.path.absolute().as_uri() + "?mode=ro",
+            uri=True,
+            isolation_level=None,
+            timeout=BUSY_TIMEOUT,
+        )
+        try:
+            return int(db.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            db.close()
+
+    def _quick_check(self) -> str | None:
+        """What ``PRAGMA quick_check`` found wrong, or None if nothing."""
+        # Read-write, as the connection proper will be: closing it as the last one removes
+        # the empty -wal and -shm that reading a WAL file leaves.
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+        if rows == [("ok",)]:
+            return None
+        return "; ".join(str(r[0]) for r in rows[:3])
+
+    def _refuse(self, version: int) -> AiosError:
+        """The error for a file of a newer schema version, remembered in :attr:`refused`."""
+        # A newer aiosd may have changed the tables in ways this code would damage.
+        log.error(
+            "storage of uid %d (%s) has schema version %d; this aiosd knows versions up "
+            "to %d: left untouched",
+            self.uid,
+            self.path,
+            version,
+            len(MIGRATIONS),
+        )
+        self.refused = AiosError(
+            f"storage of uid {self.uid} was written by a newer aiosd (schema version "
+            f"{version}; this one knows up to {len(MIGRATIONS)}): it is left untouched; "
+            "upgrade aiosd to use it"
+        )
+        return self.refused
+
+    def _quarantine(self, problem: str) -> None:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 src.rename(Path(str(aside) + suffix))
         log.error(
-            "storage of uid %d failed its integrity check: moved %s aside to %s and "
+            "storage of uid %d failed its integrity check (%s): moved %s aside to %s and "
             "started an empty store; the old file is kept for recovery",
             self.uid,
+            problem,
             self.path,
             aside,
         )
@@ -688,12 +749,21 @@ class _Serial:
         self._jobs: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
         self._mutex = threading.Lock()
         self._scheduled = False
+        #: Jobs queued or running; one counts no more before its caller can see its result.
+        self._unfinished = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is queued or running."""
+        with self._mutex:
+            return self._unfinished > 0
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Queue ``fn``; it runs after every job queued before it has ended."""
         job: Future[T] = Future()
         with self._mutex:
             self._jobs.append((job, fn))
+            self._unfinished += 1
             if self._scheduled:
                 return job
             self._scheduled = True
@@ -708,12 +778,15 @@ class _Serial:
                     return
                 job, fn = self._jobs.popleft()
             if not job.set_running_or_notify_cancel():
+                self._finished()
                 continue  # cancelled before it started
             try:
                 result = fn()
             except BaseException as exc:
+                self._finished()
                 job.set_exception(exc)
             else:
+                self._finished()
                 job.set_result(result)
         with self._mutex:
             if not self._jobs:
@@ -721,15 +794,28 @@ class _Serial:
                 return
         self._pool.submit(self._drain)
 
+    def _finished(self) -> None:
+        with self._mutex:
+            self._unfinished -= 1
+
 
 @dataclass(eq=False)
 class _Open:
-    """An open store, the queue that gives its connection to one job at a time, and how many
-    calls hold it (a held store is not closed to make room)."""
+    """A store, the queue that gives its connection to one job at a time, and its holders."""
 
     store: UserStore
     jobs: _Serial
+    #: Calls holding the store, which is not closed to make room meanwhile: a call holds it
+    #: from when it waits for the open, so a store just opened outlasts its callers' return.
     holders: int = 0
+
+
+def _retrieve(uid: int, task: asyncio.Task[Any]) -> None:
+    """See how an open ended, which its callers may all have given up on meanwhile."""
+    exc = None if task.cancelled() else task.exception()
+    # The store logs the failures it expects (an AiosError); anything else is a bug.
+    if exc is not None and not isinstance(exc, AiosError):
+        log.error("opening the storage of uid %d failed", uid, exc_info=exc)
 
 
 class StorageManager:
@@ -749,14 +835,18 @@ class StorageManager:
         )
         #: Open stores, least recently used first.
         self._open: OrderedDict[int, _Open] = OrderedDict()
-        #: Opens under way: every first call of a uid awaits the same one.
-        self._opening: dict[int, asyncio.Task[_Open]] = {}
+        #: Opens under way, with the store each opens: every first call of a uid awaits it.
+        self._opening: dict[int, tuple[_Open, asyncio.Task[None]]] = {}
         #: Closes under way; a uid's next open waits for its previous connection to end.
         self._closing: dict[int, asyncio.Task[None]] = {}
         #: Connections counted against ``max_open_stores``: open, being opened, being closed.
         self._connections = 0
+        #: Opens waiting in :meth:`_reserve` for a connection to be free.
+        self._short = 0
         #: Uids whose file passed its integrity check in this run (a reopen skips it).
         self._checked: set[int] = set()
+        #: Why a uid's file was refused (a newer schema): its calls fail alike for this run.
+        self._refused: dict[int, str] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
 
@@ -790,9 +880,10 @@ class StorageManager:
         """Let the calls under way end, close every store and stop the worker threads."""
         self._closed = True
         self._wake()
-        await asyncio.gather(*self._opening.values(), return_exceptions=True)
-        # A call holding a store has queued its job already (it does both in one step), so
-        # each close runs after the calls under way on that store.
+        await asyncio.gather(*(task for _, task in self._opening.values()), return_exceptions=True)
+        # A call holding a store has queued its job already (it does both in one step, and
+        # the calls of an open that ends now are refused), so each close runs after the
+        # calls under way on that store.
         for uid in list(self._open):
             self._evict(uid)
         await asyncio.gather(*self._closing.values())
@@ -803,73 +894,122 @@ class StorageManager:
 
     async def _acquire(self, uid: int) -> _Open:
         """``uid``'s open store, held by the caller until :meth:`_release`."""
-        while True:
+        if self._closed:
+            raise ShuttingDown("storage is closed: the daemon is stopping")
+        refused = self._refused.get(uid)
+        if refused is not None:
+            raise AiosError(refused)
+        entry = self._open.get(uid)
+        if entry is not None:
+            self._open.move_to_end(uid)
+            entry.holders += 1
+            return entry
+        opening = self._opening.get(uid)
+        if opening is None:
+            store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
+            entry = _Open(store, _Serial(self._pool))
+            task = asyncio.get_running_loop().create_task(self._open_store(uid, entry))
+            task.add_done_callback(functools.partial(_retrieve, uid))
+            opening = self._opening[uid] = (entry, task)
+        entry, task = opening
+        entry.holders += 1
+        try:
+            # Shielded: a caller that gives up must not cancel the open that others await.
+            await asyncio.shield(task)
             if self._closed:
                 raise ShuttingDown("storage is closed: the daemon is stopping")
-            entry = self._open.get(uid)
-            if entry is not None:
-                self._open.move_to_end(uid)
-                entry.holders += 1
-                return entry
-            task = self._opening.get(uid)
-            if task is None:
-                task = asyncio.get_running_loop().create_task(self._open_store(uid))
-                self._opening[uid] = task
-            # Shielded: a caller that gives up must not cancel the open that others await.
-            # Once it is open, look again: it may have been closed to make room meanwhile.
-            await asyncio.shield(task)
+        except BaseException:
+            self._release(entry)
+            raise
+        return entry
 
     def _release(self, entry: _Open) -> None:
         entry.holders -= 1
         if entry.holders == 0 and self._waiters:
             self._wake()  # an idle store can be closed for one who waits for room
 
-    async def _open_store(self, uid: int) -> _Open:
+    async def _open_store(self, uid: int, entry: _Open) -> None:
+        """Open ``entry``'s store once a connection is free, then add it to the open ones."""
         try:
             await self._reserve(uid)
         except BaseException:
             del self._opening[uid]
             raise
+        job: Future[None] | None = None
         try:
             previous = self._closing.get(uid)
             if previous is not None:
-                await previous
-            store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
-            jobs = _Serial(self._pool)
+                # Shielded: cancelling this open must not cancel that close half-way.
+                await asyncio.shield(previous)
             check = uid not in self._checked
-            await asyncio.wrap_future(jobs.submit(lambda: store.open(check)))
+            job = entry.jobs.submit(lambda: entry.store.open(check))
+            await asyncio.wrap_future(job)
         except BaseException:
             del self._opening[uid]
-            self._connections -= 1
-            self._wake()
+            if entry.store.refused is not None:
+                self._refused[uid] = entry.store.refused.message
+            if (
+                job is not None
+                and not job.cancelled()
+                and (not job.done() or job.exception() is None)
+            ):
+                # Cancelled while the open runs on its worker, where it cannot be stopped:
+                # close what it opens right after it, counted as open until then.
+                self._closing[uid] = asyncio.get_running_loop().create_task(
+                    self._close_store(uid, entry)
+                )
+            else:
+                self._connections -= 1
+                self._wake()
             raise
         del self._opening[uid]
         self._checked.add(uid)
-        entry = _Open(store, jobs)
         self._open[uid] = entry
-        return entry
+        # One who waits for room may close this store once its calls are done with it, or
+        # at once if they all gave up meanwhile.
+        self._wake()
 
     async def _reserve(self, uid: int) -> None:
-        """Wait until one more store may open, closing the least recently used idle ones."""
+        """Wait until one more store may open, closing least recently used idle ones as needed."""
         told = False
-        while True:
-            if self._closed:
-                raise ShuttingDown("storage is closed: the daemon is stopping")
-            if self._connections < self.max_open_stores:
-                self._connections += 1
-                return
-            idle = next((u for u, e in self._open.items() if e.holders == 0), None)
-            if idle is not None:
-                self._evict(idle)
-            elif not told:
-                log.debug(
-                    "all %d open stores are in use: uid %d waits for one to be free "
-                    "([storage] max_open_stores)",
-                    self.max_open_stores,
-                    uid,
-                )
-                told = True
-            await self._changed()
+        self._short += 1
+        try:
+            while True:
+                if self._closed:
+                    raise ShuttingDown("storage is closed: the daemon is stopping")
+                if self._connections < self.max_open_stores:
+                    self._connections += 1
+                    return
+                # Each close under way frees a connection soon: close more stores only while
+                # they are fewer than the opens waiting for one.
+                while len(self._closing) < self._short:
+                    idle = self._idle()
+                    if idle is None:
+                        break
+                    self._evict(idle)
+                if len(self._closing) < self._short and not told:
+                    log.debug(
+                        "all %d open stores are in use: uid %d waits for one to be free "
+                        "([storage] max_open_stores)",
+                        self.max_open_stores,
+                        uid,
+                    )
+                    told = True
+                await self._changed()
+        finally:
+            self._short -= 1
+
+    def _idle(self) -> int | None:
+        """The least recently used store no call holds, one with no job left first."""
+        # A store whose last caller gave up while its job runs closes only after that job.
+        busy = None
+        for uid, entry in self._open.items():
+            if entry.holders == 0:
+                if not entry.jobs.busy:
+                    return uid
+                if busy is None:
+                    busy = uid
+        return busy
 
     def _evict(self, uid: int) -> None:
         entry = self._open.pop(uid)
@@ -887,7 +1027,7 @@ class StorageManager:
             self._wake()
 
     async def _changed(self) -> None:
-        """Wait until a store is released, closed or fails to open (or storage closes)."""
+        """Wait until a store is released, opened, closed or fails to open (or storage closes)."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:

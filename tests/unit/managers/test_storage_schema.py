@@ -181,7 +181,7 @@ def test_each_migration_runs_in_one_transaction(
     store.put("c", "k", b"kept", True, {})
     store.close()
     failing = "CREATE TABLE extra(x); INSERT INTO extra VALUES (1); SELECT no_such_function();"
-    with pytest.raises(sqlite3.OperationalError, match="no_such_function"):
+    with pytest.raises(AiosError, match="could not be opened: no such function: no_such_function"):
         open_with(failing)
     assert user_version(path) == 1
     assert "extra" not in tables(path)  # nothing of the failed step is left
@@ -192,3 +192,72 @@ def test_each_migration_runs_in_one_transaction(
     assert store.get("c", "k", None)["value"] == b"kept"
     store.close()
     assert user_version(path) == 2
+
+
+def write_unparseable(path: Path, version: int) -> None:
+    """A WAL-mode file at ``version`` whose schema this SQLite cannot parse, as a newer
+    SQLite's syntax would be."""
+    path.parent.mkdir(parents=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(
+        f"CREATE TABLE future(x); INSERT INTO future VALUES (1); PRAGMA user_version = {version};"
+    )
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute("UPDATE sqlite_master SET sql = 'CREATE TABLE future(x, ' WHERE name = 'future'")
+    db.close()
+
+
+def test_a_newer_file_this_sqlite_cannot_parse_is_refused_before_any_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "storage"
+    path = directory / f"{UID}.sqlite"
+    newer = len(MIGRATIONS) + 1
+    write_unparseable(path, newer)
+    before = path.read_bytes()
+    opens: list[bool] = []
+    real_open = UserStore.open
+
+    def recorded_open(store: UserStore, check: bool = True) -> None:
+        opens.append(check)
+        real_open(store, check)
+
+    monkeypatch.setattr(UserStore, "open", recorded_open)
+
+    async def main() -> None:
+        m = manager(tmp_path)
+        try:
+            for _ in range(3):
+                with pytest.raises(AiosError, match=f"newer aiosd \\(schema version {newer};"):
+                    await m.run(UID, lambda s: s.usage())
+        finally:
+            await m.close()
+
+    with caplog.at_level(logging.ERROR, logger="aiosd.managers.storage"):
+        asyncio.run(main())
+    assert opens == [True]  # the refusal holds for the run: the file is not looked at again
+    assert [p.name for p in directory.iterdir() if ".corrupt-" in p.name] == []
+    assert path.read_bytes() == before
+    # SQLite's readers of a WAL file make its -wal and -shm; nothing is written to the -wal.
+    wal = directory / f"{UID}.sqlite-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert [r.getMessage().count(f"schema version {newer}") for r in caplog.records] == [1]
+
+
+def test_a_current_file_with_a_damaged_schema_is_moved_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "storage"
+    path = directory / f"{UID}.sqlite"
+    write_unparseable(path, len(MIGRATIONS))
+    before = path.read_bytes()
+
+    async def main() -> None:
+        m = manager(tmp_path)
+        try:
+            assert (await m.run(UID, lambda s: s.usage()))["used_entries"] == 0
+        finally:
+            await m.close()
+
+    asyncio.run(main())
+    aside = [p for p in directory.iterdir() if p.name.startswith(f"{UID}.sqlite.corrupt-")]
+    assert [p.read_bytes() for p in aside if not p.name.endswith(("-wal", "-shm"))] == [before]
