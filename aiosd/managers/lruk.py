@@ -4,6 +4,8 @@ Every entry keeps the logical times of its last K accesses.  The victim is the e
 K-th most recent access is the oldest (the largest backward K-distance); entries with fewer
 than K accesses have an infinite distance and go first, the least recently used of them
 first (O'Neil, O'Neil and Weikum, "The LRU-K page replacement algorithm", SIGMOD 1993).
+Entries of equal rank go in the order of their keys (the memory manager's are
+``(uid, space, id)``), whatever order the candidates come in.
 
 :func:`plan` answers one question: which entries must leave RAM so that the space being
 written and the whole daemon are back within their budgets.  It changes nothing; the memory
@@ -16,9 +18,16 @@ import heapq
 import itertools
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
-K = TypeVar("K", bound=Hashable)
+
+class _Key(Hashable, Protocol):
+    """A candidate's key: hashable, and ordered, so that ties in rank break the same way."""
+
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+K = TypeVar("K", bound=_Key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +74,16 @@ def rank(accesses: Sequence[int], k: int) -> tuple[int, int]:
     return (kth, last)
 
 
-# Heap items carry a sequence number, so equal ranks keep the candidates' order and two
-# candidates are never compared themselves.
-_Item = tuple[tuple[int, int], int, Candidate[K]]
+# Equal ranks break by key, so the victims do not depend on the order candidates come in;
+# the sequence number after it means two candidates are never compared themselves.
+_Item = tuple[tuple[int, int], K, int, Candidate[K]]
 
 
 def _items(
     candidates: Iterable[Candidate[K]], k: int, keep: Collection[K], seq: Iterator[int]
 ) -> list[_Item[K]]:
     return [
-        (rank(c.accesses, k), next(seq), c)
+        (rank(c.accesses, k), c.key, next(seq), c)
         for c in candidates
         if not c.pinned and c.key not in keep
     ]
@@ -114,7 +123,7 @@ def plan(
                 if entries > limits.max_entries_per_space:
                     return Refusal("max_entries_per_space", limits.max_entries_per_space, entries)
                 return Refusal("max_bytes_per_space", limits.max_bytes_per_space, size)
-            victim = heapq.heappop(local)[2]
+            victim = heapq.heappop(local)[3]
             victims.append(victim)
             entries -= 1
             size -= victim.size
@@ -126,7 +135,7 @@ def plan(
         while total > limits.budget_bytes:
             if not pool:
                 return Refusal("budget_bytes", limits.budget_bytes, total)
-            victim = heapq.heappop(pool)[2]
+            victim = heapq.heappop(pool)[3]
             victims.append(victim)
             total -= victim.size
     return victims

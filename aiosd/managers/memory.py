@@ -17,13 +17,21 @@ Spaces of different users never meet: every lookup is keyed by uid, so another u
 simply not found.
 
 Each user's calls run one at a time under that user's lock, storage I/O included, so every
-call is atomic for its user while one user's slow store delays no other user.  What all users
-share (the daemon's byte count, the logical clock, the choice of victims) is read and updated
-on the event loop with no await in between, which makes each such step atomic without a lock.
-The daemon budget may evict another user's entry; moving it takes that user's lock too, but
-only a lock that is free at that moment: a writer never waits for another user's lock while
-holding its own, so no two writers can wait for each other.  While a user's call is in
-progress, that user's entries are therefore not candidates for other users' writes.
+call is atomic for its user and users' calls run side by side.  What all users share (the
+daemon's byte count, the logical clock, the choice of victims) is read and updated on the
+event loop with no await in between, which makes each such step atomic without a lock.
+
+The daemon budget may evict any user's unpinned entries, whatever calls are under way: a
+user cannot keep its entries in RAM by keeping calls busy.  Each owner's victims move under
+that owner's lock, held only until they are out.  A write whose victims belong to users with
+calls under way undoes its change, lets its locks go and starts again, waiting for its own
+and those users' locks in ascending uid order (:meth:`MemoryManager._write`): a write waits
+only for a lock above all those it holds, so writes never wait for each other in a circle.
+Victims count as gone only once they are in storage: a second write that picks them waits
+for them instead of evicting more, and once no write is under way every budget holds.  A
+write is refused for other users' calls ("try again") only when users whose calls already
+got in its way (a victim's owner busy, or a victim used, while it planned) do so again
+more than :data:`CONTENDED_RETRIES` times.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from aiosd.config import MemoryConfig
 from aiosd.errors import AiosError, InvalidParams, NotFound, QuotaExceeded
@@ -49,6 +57,11 @@ RECENCY_HALF_LIFE = 50
 #: Candidates asked of the storage's full-text search per memory search (before filtering).
 STORED_CANDIDATES = 500
 _PAGE = 1000
+#: Times a write may see the same users' calls get in its way again (holding a victim's
+#: owner's lock, or using a victim, while it plans) before it is refused with "try again".
+CONTENDED_RETRIES = 8
+
+T = TypeVar("T")
 
 
 class MemoryEntry(TypedDict):
@@ -191,8 +204,8 @@ class _UserLock:
     """A FIFO lock for one user's memory calls, with a :meth:`try_acquire` that never waits.
 
     asyncio.Lock cannot say whether acquiring would wait (a released lock may already be
-    promised to a waiter that has not run yet), and the daemon budget must never wait for
-    another user's lock while it holds its own.
+    promised to a waiter that has not run yet), and a write that holds locks may take another
+    only if that needs no waiting, save in ascending uid order (:meth:`MemoryManager._write`).
     """
 
     def __init__(self) -> None:
@@ -234,6 +247,58 @@ class _UserLock:
                 waiter.set_result(None)
                 return
         self._held = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Victim:
+    """A planned victim, with its access times then: a later access spoils the plan."""
+
+    sp: _Space
+    entry: _Entry
+    accesses: tuple[int, ...]
+
+
+class _Busy(Exception):
+    """Planned victims belong to users (``uids``) whose calls are under way."""
+
+    def __init__(self, uids: set[int], needed: int) -> None:
+        super().__init__(sorted(uids))
+        self.uids = frozenset(uids)
+        #: The daemon's bytes in RAM when planned, for a refusal's message.
+        self.needed = needed
+
+
+@dataclass
+class _Call:
+    """One write's locks and evictions, kept across its starts (:meth:`MemoryManager._write`)."""
+
+    uid: int
+    #: Users whose locks the write holds now, its own included.
+    held: set[int] = field(default_factory=set)
+    #: Other users whose locks the write takes, with its own, at each start.
+    wanted: set[int] = field(default_factory=set)
+    #: What it moved to storage, over every start.
+    evicted: list[_Ref] = field(default_factory=list)
+    #: Users whose calls made it wait or start again, or spoiled its plan.
+    contenders: set[int] = field(default_factory=set)
+    #: Times users already among ``contenders`` did so again.
+    retries: int = 0
+
+    def evicted_from(self, sp: _Space) -> list[int]:
+        """Ids of the moved entries of ``sp``'s space (never another user's)."""
+        return [i for u, name, i in self.evicted if u == sp.uid and name == sp.name]
+
+    def contended(self, uids: Collection[int], needed: int, budget: int) -> None:
+        """Note that the calls of ``uids`` got in the way; refuse once they did too often.
+
+        Each user's first time is free (there are finitely many users); only the times
+        users already noted get in the way again count towards :data:`CONTENDED_RETRIES`.
+        """
+        if not set(uids) - self.contenders:
+            self.retries += 1
+            if self.retries > CONTENDED_RETRIES:
+                raise _contended(budget, needed)
+        self.contenders |= set(uids)
 
 
 # --- work done on a user's store -------------------------------------------------------------
@@ -314,9 +379,6 @@ class MemoryManager:
         self._spaces: dict[tuple[int, str], _Space] = {}
         #: Bytes of the entries in RAM, over every space.
         self._total = 0
-        #: Bytes of victims being written to storage, still in ``_total`` until they are
-        #: out: planning counts them as gone, so two writers do not evict for one excess.
-        self._leaving = 0
         self._clock = 0
         #: Locks of users with a call in progress or waiting; a free lock holds no state, so
         #: it is dropped and the table never outgrows the calls under way.
@@ -333,7 +395,8 @@ class MemoryManager:
     ) -> WrittenEntry:
         """Add an entry; returns it with ``evicted``: ids of this space moved to storage."""
         check_content(content, self.cfg.max_entry_bytes)
-        async with self._user(uid):
+
+        async def body(call: _Call) -> WrittenEntry:
             sp = await self._space(uid, space)
             now = time.time()
             e = _Entry(sp.next_id, content, list(tags), pinned, now, now)
@@ -341,17 +404,20 @@ class MemoryManager:
             self._touch(e)
             self._insert(sp, e)
             try:
-                evicted = await self._make_room(sp, e)
+                await self._make_room(sp, e, call)
             except BaseException:
                 self._remove(sp, e)
                 if sp.next_id == e.id + 1:
                     sp.next_id = e.id
                 raise
-            return e.written(self._ids_in(sp, evicted))
+            return e.written(call.evicted_from(sp))
+
+        return await self._write(uid, body)
 
     async def get(self, uid: int, space: str, id: int) -> WrittenEntry:
         """An entry (an access); an evicted one is brought back into RAM, which may evict."""
-        async with self._user(uid):
+
+        async def body(call: _Call) -> WrittenEntry:
             found = self._resident(uid, space, id)
             if found is not None:
                 e = found[1]
@@ -360,16 +426,18 @@ class MemoryManager:
             sp, e = await self._reload(uid, space, id)
             self._touch(e)
             try:
-                evicted = await self._make_room(sp, e)
+                await self._make_room(sp, e, call)
             except QuotaExceeded:
                 # No room (only pinned entries left): serve it from storage, where it stays.
                 self._remove(sp, e)
-                return e.written([])
+                return e.written(call.evicted_from(sp))
             except BaseException:
                 self._remove(sp, e)
                 raise
             await self._unstore(uid, space, id)
-            return e.written(self._ids_in(sp, evicted))
+            return e.written(call.evicted_from(sp))
+
+        return await self._write(uid, body)
 
     async def update(
         self,
@@ -383,7 +451,8 @@ class MemoryManager:
         """Change an entry (an access); refused, changing nothing, if it cannot fit."""
         if content is not None:
             check_content(content, self.cfg.max_entry_bytes)
-        async with self._user(uid):
+
+        async def body(call: _Call) -> WrittenEntry:
             found = self._resident(uid, space, id)
             reloaded = found is None
             sp, e = found if found is not None else await self._reload(uid, space, id)
@@ -399,7 +468,7 @@ class MemoryManager:
             self._touch(e)
             self._insert(sp, e)
             try:
-                evicted = await self._make_room(sp, e)
+                await self._make_room(sp, e, call)
             except BaseException:
                 self._remove(sp, e)
                 old, e.tags, e.pinned, e.updated, e.accesses = before
@@ -409,7 +478,9 @@ class MemoryManager:
                 raise
             if reloaded:
                 await self._unstore(uid, space, id)
-            return e.written(self._ids_in(sp, evicted))
+            return e.written(call.evicted_from(sp))
+
+        return await self._write(uid, body)
 
     async def delete(self, uid: int, space: str, id: int) -> None:
         """Delete an entry, from RAM or (if evicted) from storage."""
@@ -554,6 +625,39 @@ class MemoryManager:
     @contextlib.asynccontextmanager
     async def _user(self, uid: int) -> AsyncIterator[None]:
         """Hold ``uid``'s lock for one call (waiting for that user's earlier calls only)."""
+        await self._lock(uid)
+        try:
+            yield
+        finally:
+            self._unlock(uid)
+
+    async def _write(self, uid: int, body: Callable[[_Call], Awaitable[T]]) -> T:
+        """Run a write's ``body`` under ``uid``'s lock, again with more locks while it needs them.
+
+        A body whose victims belong to users with calls under way undoes its change and
+        raises :class:`_Busy`; it then runs again holding those users' locks too.  Locks are
+        taken in ascending uid order, and all let go before each new start, so a write waits
+        only for locks above every lock it holds: writes never wait for each other in a
+        circle.  Restarts are bounded: :meth:`_Call.contended` refuses a write that other
+        users' calls keep getting in the way of.
+        """
+        call = _Call(uid)
+        while True:
+            try:
+                for u in sorted({uid} | call.wanted):
+                    await self._lock(u)
+                    call.held.add(u)
+                return await body(call)
+            except _Busy as busy:
+                call.contended(busy.uids, busy.needed, self.cfg.budget_bytes)
+                call.wanted |= busy.uids
+            finally:
+                for u in call.held:
+                    self._unlock(u)
+                call.held.clear()
+
+    async def _lock(self, uid: int) -> None:
+        """Take ``uid``'s lock, after the calls that asked for it before."""
         lock = self._locks.get(uid)
         if lock is None:
             lock = self._locks[uid] = _UserLock()
@@ -562,10 +666,6 @@ class MemoryManager:
         except BaseException:
             self._forget(uid, lock)
             raise
-        try:
-            yield
-        finally:
-            self._unlock(uid)
 
     def _try_lock(self, uid: int) -> bool:
         """Take ``uid``'s lock if it is free now; never waits."""
@@ -579,14 +679,19 @@ class MemoryManager:
         lock.release()
         self._forget(uid, lock)
 
+    def _let_go(self, call: _Call, uid: int) -> None:
+        """Release a lock ``call`` holds before the call ends."""
+        call.held.remove(uid)
+        self._unlock(uid)
+
     def _forget(self, uid: int, lock: _UserLock) -> None:
         if lock.free and self._locks.get(uid) is lock:
             del self._locks[uid]
 
-    def _busy(self, uid: int) -> bool:
-        """Whether a call holds or waits for ``uid``'s lock."""
+    def _free(self, uid: int) -> bool:
+        """Whether no call holds or waits for ``uid``'s lock."""
         lock = self._locks.get(uid)
-        return lock is not None and not lock.free
+        return lock is None or lock.free
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -662,25 +767,23 @@ class MemoryManager:
 
         return await self.storage.run_existing(uid, fn, False)
 
-    def _evictable(self, sp: _Space) -> Iterator[_Space]:
-        """The other spaces whose entries the daemon budget may take for a write to ``sp``."""
-        for other in self._spaces.values():
-            # Another user's entry moves under that user's lock, and a lock that is taken
-            # cannot be had without waiting: waiting while holding ours could deadlock.
-            if other is not sp and (other.uid == sp.uid or not self._busy(other.uid)):
-                yield other
-
-    def _plan(self, sp: _Space, keep: _Entry, skip: set[_Ref]) -> list[tuple[_Space, _Entry]]:
+    def _plan(self, sp: _Space, keep: _Entry, skip: set[_Ref]) -> list[_Victim]:
         """The victims that bring every budget back within limits; QuotaExceeded if none do.
 
-        ``keep`` (the entry being written) and the entries in ``skip`` are never chosen, nor
-        are those of another user with a call in progress.  Nothing is changed.
+        Every user's unpinned entries are candidates, whatever calls are under way; ``keep``
+        (the entry being written) and the entries in ``skip`` are never chosen.  An entry on
+        its way to storage counts until it is out.  Nothing is changed.
         """
         cfg = self.cfg
         out = lruk.plan(
-            lruk.Usage(len(sp.entries), sp.bytes, self._total - self._leaving),
+            lruk.Usage(len(sp.entries), sp.bytes, self._total),
             (_candidate(sp, e) for e in sp.entries.values()),
-            (_candidate(o, e) for o in self._evictable(sp) for e in o.entries.values()),
+            (
+                _candidate(o, e)
+                for o in self._spaces.values()
+                if o is not sp
+                for e in o.entries.values()
+            ),
             k=cfg.lru_k,
             limits=lruk.Limits(
                 cfg.max_entries_per_space, cfg.max_bytes_per_space, cfg.budget_bytes
@@ -688,80 +791,78 @@ class MemoryManager:
             keep={_ref(sp, keep), *skip},
         )
         if isinstance(out, lruk.Refusal):
-            raise self._refusal(sp, out)
+            raise _refused("memory." + out.limit, out.value, out.needed)
         victims = []
         for c in out:
             uid, name, id_ = c.key
             vsp = self._spaces[(uid, name)]
-            victims.append((vsp, vsp.entries[id_]))
+            e = vsp.entries[id_]
+            victims.append(_Victim(vsp, e, tuple(e.accesses)))
         return victims
 
-    def _refusal(self, sp: _Space, r: lruk.Refusal) -> QuotaExceeded:
-        """The error for a refused plan; it says so when busy users' entries would do."""
-        limit = "memory." + r.limit
-        if r.limit == "budget_bytes":
-            busy = sum(
-                e.size
-                for o in self._spaces.values()
-                if o.uid != sp.uid and self._busy(o.uid)
-                for e in o.entries.values()
-                if not e.pinned
-            )
-            if r.needed - busy <= r.value:
-                return QuotaExceeded(
-                    f"memory limit {limit} ({r.value}) would be exceeded ({r.needed}) and the "
-                    "entries that could be evicted are in use by memory calls under way: "
-                    "try again",
-                    data={"limit": limit, "value": r.value, "needed": r.needed},
-                )
-        return _refused(limit, r.value, r.needed)
+    def _unchanged(self, v: _Victim) -> bool:
+        """Whether ``v`` is still the victim it was planned as (in RAM, unpinned, not used)."""
+        sp, e = v.sp, v.entry
+        return (
+            self._spaces.get((sp.uid, sp.name)) is sp
+            and sp.entries.get(e.id) is e
+            and not e.pinned
+            and tuple(e.accesses) == v.accesses
+        )
 
-    async def _make_room(self, sp: _Space, keep: _Entry) -> list[tuple[_Space, _Entry]]:
-        """Evict until every budget holds; returns the evicted entries.
+    async def _make_room(self, sp: _Space, keep: _Entry, call: _Call) -> None:
+        """Evict until every budget holds, adding the moved entries to ``call.evicted``.
 
-        Refuses before evicting anything when no choice of victims would do.  An entry whose
-        owner's storage refuses it (e.g. a full storage quota) stays in RAM and another victim
-        is chosen.
+        Refuses, evicting nothing more, when no choice of victims would do (only pinned
+        entries could make room).  Raises :class:`_Busy`, moving nothing more, when victims belong
+        to users whose calls are under way and whose locks ``call`` does not hold.  Victims
+        move owner by owner, other users' first, and each other owner's lock is held only
+        until its own victims are out.  An entry whose owner's storage refuses it (e.g. a
+        full storage quota) stays in RAM and another victim is chosen.
         """
-        evicted: list[tuple[_Space, _Entry]] = []
         skip: set[_Ref] = set()
         while True:
             victims = self._plan(sp, keep, skip)
-            # No await since planning: the other owners _plan found free are free still, and
-            # holding their locks keeps the plan true while the victims move.
-            owners = collections.Counter(v.uid for v, _ in victims if v.uid != sp.uid)
-            for uid in owners:
-                taken = self._try_lock(uid)
-                assert taken, "_evictable offers only the entries of users whose lock is free"
-            pending = sum(e.size for _, e in victims)
-            self._leaving += pending
-            try:
-                for vsp, victim in victims:
-                    moved = await self._move_to_storage(
-                        vsp, victim, "could not evict entry %d of uid %d space %r"
-                    )
-                    self._leaving -= victim.size
-                    pending -= victim.size
-                    if vsp.uid != sp.uid:
-                        owners[vsp.uid] -= 1
-                        if owners[vsp.uid] == 0:
-                            del owners[vsp.uid]
-                            self._unlock(vsp.uid)
-                    if not moved:
-                        skip.add(_ref(vsp, victim))
-                        break
-                    evicted.append((vsp, victim))
-                else:
-                    return evicted
-            finally:
-                self._leaving -= pending
-                for uid in owners:
-                    self._unlock(uid)
-
-    @staticmethod
-    def _ids_in(sp: _Space, evicted: list[tuple[_Space, _Entry]]) -> list[int]:
-        """Ids of the evicted entries that belonged to ``sp`` (never another user's)."""
-        return [e.id for s, e in evicted if s is sp]
+            groups: dict[int, list[_Victim]] = {}
+            for v in victims:
+                groups.setdefault(v.sp.uid, []).append(v)
+            busy = {u for u in groups if u not in call.held and not self._free(u)}
+            if busy:
+                raise _Busy(busy, self._total)
+            for u in call.held - groups.keys() - {call.uid}:
+                self._let_go(call, u)  # taken for an earlier plan, not needed by this one
+            if not groups:
+                return
+            # Owners already waiting for us first; our own user's calls wait for us anyway.
+            order = sorted(groups, key=lambda u: (u == call.uid, u not in call.held))
+            spoiled: set[int] = set()
+            failed = False
+            for u in order:
+                # Free at planning, but a call of its owner may have begun while earlier
+                # victims moved: then plan again rather than move entries under that call.
+                if u not in call.held:
+                    if not self._try_lock(u):
+                        spoiled.add(u)
+                        continue
+                    call.held.add(u)
+                try:
+                    for v in groups[u]:
+                        if not self._unchanged(v):
+                            spoiled.add(u)
+                        elif await self._move_to_storage(
+                            v.sp, v.entry, "could not evict entry %d of uid %d space %r"
+                        ):
+                            call.evicted.append(_ref(v.sp, v.entry))
+                        else:
+                            skip.add(_ref(v.sp, v.entry))
+                            failed = True
+                finally:
+                    if u != call.uid:
+                        self._let_go(call, u)
+            if spoiled:
+                call.contended(spoiled, self._total, self.cfg.budget_bytes)
+            elif not failed:
+                return
 
 
 def _not_found(space: str, id_: int) -> NotFound:
@@ -773,4 +874,13 @@ def _refused(limit: str, value: int, needed: int) -> QuotaExceeded:
         f"memory limit {limit} ({value}) would be exceeded ({needed}) and no entry can be "
         "evicted (only pinned entries are left): unpin or delete some entries",
         data={"limit": limit, "value": value, "needed": needed},
+    )
+
+
+def _contended(budget: int, needed: int) -> QuotaExceeded:
+    limit = "memory.budget_bytes"
+    return QuotaExceeded(
+        f"memory limit {limit} ({budget}) would be exceeded ({needed}) and other users' "
+        "memory calls kept taking the entries that could be evicted: try again",
+        data={"limit": limit, "value": budget, "needed": needed},
     )

@@ -118,3 +118,21 @@ def test_refused_when_nothing_can_free_enough() -> None:
     others = [c("o", 0, size=200)]
     out = plan(usage(space, others), space, others, k=2, limits=limits(budget=1024), keep={"new"})
     assert out == Refusal("budget_bytes", 1024, 1400)
+
+
+def test_equal_ranks_go_in_key_order_whatever_order_the_candidates_come_in() -> None:
+    # Keys as the memory manager makes them, (uid, space, id): uid first, then space, then id.
+    def t(key: tuple[int, str, int], *accesses: int) -> Candidate[tuple[int, str, int]]:
+        return Candidate(key, 1, accesses)
+
+    space = [t((2, "s", 1), 5), t((1, "t", 9), 5), t((1, "s", 9), 5), t((1, "s", 2), 5)]
+    new = t((3, "s", 1), 9)
+    lim = limits(entries=2)
+    out = plan(Usage(5, 5, 5), [*space, new], [], k=2, limits=lim, keep={new.key})
+    assert not isinstance(out, Refusal)
+    assert [x.key for x in out] == [(1, "s", 2), (1, "s", 9), (1, "t", 9)]
+    # The daemon budget draws on the space and the others alike, in key order too.
+    others = [t((9, "a", 1), 5), t((0, "z", 7), 5)]
+    out = plan(Usage(1, 1, 3), [new], others, k=2, limits=limits(budget=2), keep={new.key})
+    assert not isinstance(out, Refusal)
+    assert [x.key for x in out] == [(0, "z", 7)]

@@ -5,6 +5,8 @@ running side by side."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from aiosd.config import MemoryConfig
 from aiosd.errors import NotFound, QuotaExceeded
-from aiosd.managers.memory import MemoryManager, _UserLock
+from aiosd.managers.memory import CONTENDED_RETRIES, MemoryManager, _Call, _UserLock
 from aiosd.managers.storage import Limits, StorageManager, UserStore
 
 UID = 1001
@@ -43,7 +45,8 @@ def run(tmp_path: Path, fn: Callable[[MemoryManager], Awaitable[None]], **cfg: A
 
 class GatedStorage(StorageManager):
     """A real storage whose calls for the uids in ``gated`` stop in their worker thread, as a
-    slow disk or a long query would, until the test sets ``opened``."""
+    slow disk or a long query would, until the test sets ``opened`` (or the uid's own gate
+    in ``gates``)."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory, "normal", Limits(1 << 30, 1 << 20, 4))
@@ -51,6 +54,10 @@ class GatedStorage(StorageManager):
         #: Set (on the loop) when a gated call has reached its worker thread.
         self.inside = asyncio.Event()
         self.opened = threading.Event()
+        self.gates: dict[int, threading.Event] = {}
+        #: How many of the next gated calls fail, as a full storage quota would, once opened.
+        self.refuse = 0
+        self._refusing = threading.Lock()  # worker threads count ``refuse`` down
 
     async def run(self, uid: int, fn: Callable[[UserStore], T]) -> T:
         if uid not in self.gated:
@@ -59,24 +66,56 @@ class GatedStorage(StorageManager):
 
         def gated(s: UserStore) -> T:
             loop.call_soon_threadsafe(self.inside.set)
-            if not self.opened.wait(GUARD):
+            if not self.gates.get(uid, self.opened).wait(GUARD):
                 raise TimeoutError("the test never let the gated storage call go on")
+            with self._refusing:
+                if self.refuse > 0:
+                    self.refuse -= 1
+                    raise QuotaExceeded("storage quota full (the test said so)")
             return fn(s)
 
         return await super().run(uid, gated)
 
 
+class WatchedMemory(MemoryManager):
+    """A memory manager that tells when a call starts waiting for a user's lock."""
+
+    def __init__(self, storage: StorageManager, cfg: MemoryConfig) -> None:
+        super().__init__(storage, cfg)
+        #: Set when a call finds a uid's lock taken and waits for it.
+        self.queued: collections.defaultdict[int, asyncio.Event] = collections.defaultdict(
+            asyncio.Event
+        )
+
+    async def _lock(self, uid: int) -> None:
+        if not self._free(uid):
+            self.queued[uid].set()
+        await super()._lock(uid)
+
+
+async def waits_for_lock(m: WatchedMemory, uid: int, call: asyncio.Task[Any]) -> None:
+    """Until ``call`` waits for ``uid``'s lock, or ends (the test's asserts then tell)."""
+    queued = asyncio.create_task(m.queued[uid].wait())
+    await asyncio.wait([call, queued], timeout=GUARD, return_when=asyncio.FIRST_COMPLETED)
+    queued.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await queued
+    m.queued[uid].clear()
+
+
 def run_gated(
-    tmp_path: Path, fn: Callable[[MemoryManager, GatedStorage], Awaitable[None]], **cfg: Any
+    tmp_path: Path, fn: Callable[[WatchedMemory, GatedStorage], Awaitable[None]], **cfg: Any
 ) -> None:
     """:func:`run` on a :class:`GatedStorage`; the gate opens at the end whatever happens."""
 
     async def main() -> None:
         storage = GatedStorage(tmp_path / "storage")
         try:
-            await fn(MemoryManager(storage, MemoryConfig(**cfg)), storage)
+            await fn(WatchedMemory(storage, MemoryConfig(**cfg)), storage)
         finally:
             storage.opened.set()
+            for gate in storage.gates.values():
+                gate.set()
             await storage.close()
 
     asyncio.run(main())
@@ -454,46 +493,84 @@ def test_a_user_stuck_in_storage_does_not_stall_another_users_memory(tmp_path: P
     run_gated(tmp_path, fn)
 
 
-def test_the_budget_spares_entries_of_a_user_whose_call_is_under_way(tmp_path: Path) -> None:
-    async def fn(m: MemoryManager, st: GatedStorage) -> None:
-        await st.run(OTHER, lambda s: None)
-        await m.add(OTHER, "s", "o" * 400, [], False)  # t1: LRU-K's pick, when OTHER is idle
-        await m.add(UID, "s", "u" * 400, [], False)  # t2
-        st.gated.add(OTHER)
-        busy = asyncio.create_task(m.search(OTHER, "s", "o" * 400, 5))
-        await asyncio.wait_for(st.inside.wait(), GUARD)
+@pytest.mark.parametrize(
+    ("writer", "owner"), [(UID, OTHER), (OTHER, UID)], ids=["writer-uid-below", "writer-uid-above"]
+)
+def test_a_user_who_keeps_calls_under_way_cannot_keep_its_entries_in_ram(
+    tmp_path: Path, writer: int, owner: int
+) -> None:
+    # Only the owner's entry can make room for the write.  The owner has a call in its store
+    # and then another queued: the write waits for its turn, is not refused, and evicts it.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        await st.run(owner, lambda s: None)
+        await m.add(owner, "s", "o" * 800, [], False)
+        st.gated.add(owner)
+        first = asyncio.create_task(m.search(owner, "s", "o" * 800, 5))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # it holds the owner's lock
 
-        out = await asyncio.wait_for(m.add(THIRD, "s", "t" * 400, [], False), GUARD)
-        assert out["evicted"] == []
-        assert await ram_ids(m, UID, "s") == [] and await stored_keys(m, UID, "s") == {"1"}
-        assert (await m.stats())["bytes"] == 800
+        write = asyncio.create_task(m.add(writer, "s", "w" * 400, [], False))  # 1200 > 1024
+        await waits_for_lock(m, owner, write)
+        assert not write.done()
+        later = asyncio.create_task(m.entries(owner, "s"))
+        await waits_for_lock(m, owner, later)
+        assert not write.done() and not later.done()
 
         st.opened.set()
-        assert [h["evicted"] for h in await asyncio.wait_for(busy, GUARD)] == [False]
-        assert await ram_ids(m, OTHER, "s") == [1]
+        out = await asyncio.wait_for(write, GUARD)
+        assert out["id"] == 1 and out["evicted"] == []
+        assert await asyncio.wait_for(later, GUARD) == []  # its turn came after the write's
+        assert [h["evicted"] for h in await asyncio.wait_for(first, GUARD)] == [False]
+        assert await stored_keys(m, owner, "s") == {"1"} and (await m.stats())["bytes"] == 400
+        assert m._locks == {}
 
     run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
 
 
-def test_refused_when_only_entries_of_calls_under_way_could_make_room(tmp_path: Path) -> None:
-    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+def test_two_writes_that_need_each_others_entries_both_get_room(tmp_path: Path) -> None:
+    # Each write needs both old entries out, its own user's and the other's, while the other
+    # write holds that user's lock: neither is refused and neither waits forever.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        for uid in (UID, OTHER):
+            await st.run(uid, lambda s: None)  # a new space then asks the store for its ids
+            await m.add(uid, "old", "x" * 300, [], False)
+        st.gated.add(UID)
+        mine = asyncio.create_task(m.add(UID, "new", "u" * 775, [], False))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # it holds UID's lock
+        st.inside.clear()
+        st.gated.add(OTHER)
+        theirs = asyncio.create_task(m.add(OTHER, "new", "o" * 775, [], False))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # it holds OTHER's lock
+
+        st.opened.set()
+        done = await asyncio.wait_for(asyncio.gather(mine, theirs), GUARD)
+        assert [out["id"] for out in done] == [1, 1]
+        assert (await m.stats())["bytes"] == 775  # one of the new entries went too
+        assert await stored_keys(m, UID, "old") == {"1"} == await stored_keys(m, OTHER, "old")
+        assert m._locks == {}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_a_write_that_gives_up_waiting_for_another_users_lock_holds_no_lock(
+    tmp_path: Path,
+) -> None:
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
         await st.run(OTHER, lambda s: None)
         await m.add(OTHER, "s", "o" * 800, [], False)
         st.gated.add(OTHER)
         busy = asyncio.create_task(m.search(OTHER, "s", "o" * 800, 5))
         await asyncio.wait_for(st.inside.wait(), GUARD)
+        write = asyncio.create_task(m.add(UID, "s", "u" * 400, [], False))
+        await waits_for_lock(m, OTHER, write)
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
 
-        with pytest.raises(QuotaExceeded, match="under way: try again") as exc:
-            await asyncio.wait_for(m.add(UID, "s", "u" * 400, [], False), GUARD)
-        assert exc.value.data == {"limit": "memory.budget_bytes", "value": 1024, "needed": 1200}
-        assert await m.entries(UID, "s") == [] and (await m.stats())["bytes"] == 800
-
+        assert await asyncio.wait_for(m.entries(UID, "s"), GUARD) == []  # UID's lock is free
+        assert (await m.stats())["bytes"] == 800
         st.opened.set()
         await asyncio.wait_for(busy, GUARD)
-        st.gated.clear()
-        out = await m.add(UID, "s", "u" * 400, [], False)  # OTHER is idle again
-        assert out["id"] == 1
-        assert await ram_ids(m, OTHER, "s") == [] and await stored_keys(m, OTHER, "s") == {"1"}
+        assert await ram_ids(m, OTHER, "s") == [1] and m._locks == {}
 
     run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
 
@@ -517,8 +594,85 @@ def test_evicting_another_users_entry_holds_that_users_lock(tmp_path: Path) -> N
     run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
 
 
-def test_writers_side_by_side_do_not_evict_twice_for_one_excess(tmp_path: Path) -> None:
-    async def fn(m: MemoryManager, st: GatedStorage) -> None:
+def test_each_owners_lock_is_held_only_while_its_own_victims_move(tmp_path: Path) -> None:
+    # LRU-K order interleaves the owners: OTHER's 1, THIRD's 1, OTHER's 2.  OTHER's victims
+    # move first and its lock is let go at once: its calls need not wait for THIRD's store.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        await m.add(OTHER, "s", "bee " * 50, [], False)  # t1
+        await m.add(THIRD, "s", "c" * 200, [], False)  # t2
+        await m.add(OTHER, "s", "bee " * 50, [], False)  # t3
+        await m.add(THIRD, "s", "c" * 200, [], False)  # t4
+        st.gated.add(THIRD)
+        write = asyncio.create_task(m.add(UID, "s", "u" * 800, [], False))  # 1600: 3 must go
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
+
+        assert await asyncio.wait_for(m.entries(OTHER, "s"), GUARD) == []
+        hits = await asyncio.wait_for(m.search(OTHER, "s", "bee", 5), GUARD)
+        assert [(h["id"], h["evicted"]) for h in hits] == [(2, True), (1, True)]
+        assert not write.done()
+
+        st.opened.set()
+        assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
+        assert await ram_ids(m, THIRD, "s") == [2] and await stored_keys(m, THIRD, "s") == {"1"}
+        assert (await m.stats())["bytes"] == 1000 and m._locks == {}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_an_owner_whose_call_began_while_earlier_victims_moved_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    # The write plans OTHER's entry, then THIRD's.  While OTHER's moves, THIRD's search
+    # begins: THIRD's entry may move only once that search is over, never under it.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        await m.add(OTHER, "s", "o" * 400, [], False)  # t1
+        await m.add(THIRD, "s", "third " * 50, [], False)  # t2
+        await st.run(THIRD, lambda s: None)
+        st.gated |= {OTHER, THIRD}
+        st.gates[THIRD] = threading.Event()
+        write = asyncio.create_task(m.add(UID, "s", "u" * 1000, [], False))  # both go
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # OTHER's entry is on its way out
+        st.inside.clear()
+        search = asyncio.create_task(m.search(THIRD, "s", "third", 5))
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # in THIRD's store, holding its lock
+
+        st.opened.set()
+        await waits_for_lock(m, THIRD, write)
+        assert not write.done() and await stored_keys(m, OTHER, "s") == {"1"}
+        st.gates[THIRD].set()
+        hits = await asyncio.wait_for(search, GUARD)
+        assert [(h["id"], h["evicted"]) for h in hits] == [(1, False)]
+        assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
+        assert await stored_keys(m, THIRD, "s") == {"1"} and (await m.stats())["bytes"] == 1000
+        assert m._locks == {}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_a_victim_used_while_earlier_victims_moved_is_planned_again(tmp_path: Path) -> None:
+    # The write plans OTHER's entry, then THIRD's 1.  While OTHER's moves, THIRD reads its 1:
+    # now its 2, with fewer than K accesses, is LRU-K's pick, and the 1 stays.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        await m.add(OTHER, "s", "o" * 400, [], False)  # t1
+        await m.add(THIRD, "s", "c" * 300, [], False)  # t2
+        await m.add(THIRD, "s", "d" * 300, [], False)  # t3
+        st.gated.add(OTHER)
+        write = asyncio.create_task(m.add(UID, "s", "u" * 700, [], False))  # 1700: 676 must go
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # OTHER's entry is on its way out
+        await asyncio.wait_for(m.get(THIRD, "s", 1), GUARD)
+
+        st.opened.set()
+        assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
+        assert await ram_ids(m, THIRD, "s") == [1] and await stored_keys(m, THIRD, "s") == {"2"}
+        assert (await m.stats())["bytes"] == 1000 and m._locks == {}
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_a_second_write_waits_for_victims_on_their_way_out_instead_of_evicting_more(
+    tmp_path: Path,
+) -> None:
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
         await m.add(THIRD, "s", "v" * 300, [], False)  # t1: the first victim
         await m.add(FOURTH, "s", "w" * 200, [], False)  # t2
         await m.add(FOURTH, "t", "w" * 300, [], False)  # t3
@@ -526,14 +680,41 @@ def test_writers_side_by_side_do_not_evict_twice_for_one_excess(tmp_path: Path) 
         first = asyncio.create_task(m.add(UID, "s", "u" * 300, [], False))  # 1100 > 1024
         await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
 
-        # 1300 bytes in RAM, 300 of them leaving: 1000, within the budget, so nothing more goes.
-        out = await asyncio.wait_for(m.add(OTHER, "s", "x" * 200, [], False), GUARD)
-        assert out["evicted"] == []
-        assert await ram_ids(m, FOURTH, "s") == [1] and await ram_ids(m, FOURTH, "t") == [1]
+        # 1300 bytes: THIRD's entry, still the best victim, must be out for this one too.
+        second = asyncio.create_task(m.add(OTHER, "s", "x" * 200, [], False))
+        await waits_for_lock(m, THIRD, second)
+        assert not second.done()
 
         st.opened.set()
+        assert (await asyncio.wait_for(second, GUARD))["evicted"] == []
         await asyncio.wait_for(first, GUARD)
+        assert await ram_ids(m, FOURTH, "s") == [1] and await ram_ids(m, FOURTH, "t") == [1]
         assert await ram_ids(m, THIRD, "s") == [] and (await m.stats())["bytes"] == 1000
+
+    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+
+
+def test_budgets_hold_after_the_writes_even_if_a_victim_fails_to_move(tmp_path: Path) -> None:
+    # The second write would fit if the first's victim left; it does not (THIRD's storage
+    # refuses it once).  The first write, with nothing else to evict, is refused; the second
+    # evicts for itself: RAM ends within the budget.
+    async def fn(m: WatchedMemory, st: GatedStorage) -> None:
+        await m.add(THIRD, "s", "v" * 600, [], False)  # the only entry that can go
+        await m.add(FOURTH, "s", "p" * 400, [], True)
+        st.gated.add(THIRD)
+        first = asyncio.create_task(m.add(UID, "s", "u" * 100, [], False))  # 1100 > 1024
+        await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
+        second = asyncio.create_task(m.add(OTHER, "s", "x" * 300, [], False))  # 1400
+        await waits_for_lock(m, THIRD, second)
+
+        st.refuse = 1
+        st.opened.set()
+        with pytest.raises(QuotaExceeded):
+            await asyncio.wait_for(first, GUARD)
+        assert (await asyncio.wait_for(second, GUARD))["id"] == 1
+        assert (await m.stats())["bytes"] <= 1024
+        assert await ram_ids(m, OTHER, "s") == [1] and await ram_ids(m, UID, "s") == []
+        assert await stored_keys(m, THIRD, "s") == {"1"} and m._locks == {}
 
     run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
 
@@ -577,3 +758,14 @@ def test_user_lock_handed_over_to_a_caller_that_gives_up_goes_to_the_next() -> N
         assert lock.free and lock.try_acquire()
 
     asyncio.run(main())
+
+
+def test_a_write_is_refused_only_once_the_same_users_keep_getting_in_its_way() -> None:
+    call = _Call(UID)
+    for uid in (OTHER, THIRD, FOURTH):  # each user's first time is free: there are few users
+        call.contended({uid}, 2000, 1024)
+    for _ in range(CONTENDED_RETRIES):
+        call.contended({OTHER, THIRD}, 2000, 1024)
+    with pytest.raises(QuotaExceeded, match="try again") as exc:
+        call.contended({THIRD}, 2000, 1024)
+    assert exc.value.data == {"limit": "memory.budget_bytes", "value": 1024, "needed": 2000}
