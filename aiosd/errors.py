@@ -4,9 +4,11 @@ Every error a client can see is an :class:`AiosError` subclass.  Each class stat
 JSON-RPC code and its D-Bus error name once, here; the transports map errors through the
 class attributes, :func:`error_for_code` and :func:`error_for_dbus_name`, and nowhere else.
 
-Both maps are one-to-one: a class whose code or D-Bus name another class already has is
-refused when it is defined (TypeError), so a client rebuilding an error from either one
-always gets the class the daemon raised.
+Both maps are one-to-one: a class that states a code or a D-Bus name of its own must state
+both, and one that another class already has is refused when it is defined (TypeError), so
+a client rebuilding an error from either one gets the class that stated them.  A subclass
+that states neither refines its parent inside the daemon (``class OllamaTimeout(
+BackendUnavailable)``) and reaches clients as that parent.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ class AiosError(Exception):
     dbus_name: ClassVar[str] = DBUS_ERROR_PREFIX + "Failed"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Refuse a subclass whose code or D-Bus name is not its own (see the module doc)."""
+        """Register a subclass that states a code or a D-Bus name (see the module doc)."""
         super().__init_subclass__(**kwargs)
-        _register(cls)
+        if "rpc_code" in cls.__dict__ or "dbus_name" in cls.__dict__:
+            _register(cls)
 
     def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -184,7 +187,7 @@ class ShuttingDown(AiosError):
 
 
 class NotSupported(AiosError):
-    """The chosen model's backend cannot do what was asked (e.g. tools)."""
+    """Not possible this way: the model's backend lacks it (tools), or D-Bus cannot carry it."""
 
     rpc_code = -32011
     dbus_name = DBUS_ERROR_PREFIX + "NotSupported"
@@ -205,8 +208,9 @@ class QuotaExceeded(AiosError):
 
 
 def error_for_dbus_name(name: str, message: str) -> AiosError:
-    """Rebuild the error a D-Bus error name stands for (used by D-Bus clients)."""
-    return _BY_DBUS_NAME.get(name, AiosError)(message)
+    """Rebuild the error a D-Bus error name stands for (an unknown name stays in the message)."""
+    cls = _BY_DBUS_NAME.get(name)
+    return AiosError(f"{name}: {message}") if cls is None else cls(message)
 
 
 def error_for_code(code: int, message: str, data: dict[str, Any] | None = None) -> AiosError:

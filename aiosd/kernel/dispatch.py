@@ -89,7 +89,7 @@ class SyscallPath:
             result = spec.handler(family, p, caller, emit)
         except Exception as exc:
             raise self._failed(name, caller, exc) from None
-        return self._done(name, caller, cast(Result, result))
+        return self._done(spec, caller, cast(Result, result))
 
     async def _finish(
         self, spec: Syscall, family: object, p: Params, caller: Caller, emit: Emit | None
@@ -98,10 +98,21 @@ class SyscallPath:
             result = await cast(Awaitable[Result], spec.handler(family, p, caller, emit))
         except Exception as exc:
             raise self._failed(spec.name, caller, exc) from None
-        return self._done(spec.name, caller, result)
+        return self._done(spec, caller, result)
 
-    def _done(self, name: str, caller: Caller, result: Result) -> dict[str, Any]:
-        self.access.audit(caller, name, "ok")
+    def _done(self, spec: Syscall, caller: Caller, result: Result) -> dict[str, Any]:
+        # D-Bus types every reply from the declared model: any other result would pass on
+        # the socket and fail only there.
+        if type(result) is not spec.result:
+            log.error(
+                "syscall %s returned %s, not its declared %s",
+                spec.name,
+                type(result).__name__,
+                spec.result.__name__,
+            )
+            self.access.audit(caller, spec.name, "failed", "internal error")
+            raise InternalError(f"{spec.name} failed inside the daemon; the daemon log has details")
+        self.access.audit(caller, spec.name, "ok")
         return result.model_dump(mode="json")
 
     def _failed(self, name: str, caller: Caller, exc: Exception) -> AiosError:

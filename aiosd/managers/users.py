@@ -46,30 +46,38 @@ def _group_name(gid: int) -> str | None:
 
 @dataclass(frozen=True)
 class ProcessIds:
-    """A process's effective gid and supplementary groups, as the kernel has them."""
+    """A process's uids, effective gid and supplementary groups, as the kernel has them."""
 
     gid: int | None
     groups: frozenset[int]
+    #: Its real and effective uid, from the same read: whoever holds the pid now owns the
+    #: gid and groups above (a pid may have been reused since it was given).
+    uids: tuple[int, int] | None = None
 
 
 def process_ids(pid: int) -> ProcessIds:
     """Read ``/proc/PID/status``: a local read of the kernel's record, never NSS.
 
-    A process that is gone gives no gid and no groups.
+    A process that is gone gives no uids, no gid and no groups.
     """
+    uids: tuple[int, int] | None = None
     gid: int | None = None
     groups: frozenset[int] = frozenset()
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("Gid:"):
-                    gid = int(line.split()[2])  # real, effective, saved, filesystem
+                # Uid: and Gid: list real, effective, saved, filesystem.
+                if line.startswith("Uid:"):
+                    real, effective = line.split()[1:3]
+                    uids = (int(real), int(effective))
+                elif line.startswith("Gid:"):
+                    gid = int(line.split()[2])
                 elif line.startswith("Groups:"):
                     groups = frozenset(int(g) for g in line.split()[1:])
                     break
     except (OSError, ValueError, IndexError):
-        pass
-    return ProcessIds(gid, groups)
+        return ProcessIds(None, frozenset())
+    return ProcessIds(gid, groups, uids)
 
 
 class UserDirectory:

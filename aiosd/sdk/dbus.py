@@ -16,32 +16,61 @@ import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names
-from aiosd.api.dbus.codec import arg_to_bus, field_codecs, result_from_bus
+from aiosd.api.dbus.codec import arg_to_bus, field_codecs, params_error, result_from_bus
 from aiosd.api.dbus.introspection import TRANSPORT_FIELDS, BusMethod, bus_methods
-from aiosd.api.dbus.variants import free_vardict
-from aiosd.errors import DBUS_ERROR_PREFIX, AiosError, InvalidParams, error_for_dbus_name
+from aiosd.api.dbus.variants import Refused, free_vardict
+from aiosd.errors import (
+    DBUS_ERROR_PREFIX,
+    AiosError,
+    InvalidParams,
+    MethodNotFound,
+    PermissionDenied,
+    error_for_dbus_name,
+)
 from aiosd.sdk.client import DaemonUnreachable
 
 _HINT = "set DBUS_SYSTEM_BUS_ADDRESS to the bus it uses"
+#: The daemon is not there.  Not NoReply: a call that got no answer reached a daemon that
+#: may still be working on it.
 _UNREACHABLE = {
     "org.freedesktop.DBus.Error.ServiceUnknown",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
-    "org.freedesktop.DBus.Error.NoReply",
     "org.freedesktop.DBus.Error.Disconnected",
 }
+#: The D-Bus specification's errors the daemon (or GDBus for it) answers with, as the error
+#: classes the socket would give.
+_STANDARD: dict[str, type[AiosError]] = {
+    names.DBUS_INVALID_ARGS: InvalidParams,
+    names.DBUS_ACCESS_DENIED: PermissionDenied,
+    names.DBUS_UNKNOWN_METHOD: MethodNotFound,
+    names.DBUS_UNKNOWN_INTERFACE: MethodNotFound,
+    names.DBUS_UNKNOWN_PROPERTY: MethodNotFound,
+}
+#: How long a call may take: as long as it needs (GDBus's default of 25 s would cut a long
+#: chat short); the daemon's own limits end what must end.
+_NO_TIMEOUT = GLib.MAXINT
 
 
 system_bus_address = names.system_bus_address
 
 
-def _error(exc: GLib.Error) -> Exception:
+def _remote(exc: GLib.Error) -> tuple[str, str]:
+    """A remote error's D-Bus name ("" if it is GDBus's own) and the message it was sent with."""
     name = Gio.DBusError.get_remote_error(exc) or ""
-    Gio.DBusError.strip_remote_error(exc)
+    # Gio.DBusError.strip_remote_error changes a copy, not PyGObject's exception.
+    return name, str(exc.message).removeprefix(f"GDBus.Error:{name}: ")
+
+
+def _error(exc: GLib.Error) -> Exception:
+    name, message = _remote(exc)
     if name in _UNREACHABLE:
-        return _Unreachable(exc.message)
+        return _Unreachable(message)
     if name.startswith(DBUS_ERROR_PREFIX):
-        return error_for_dbus_name(name, exc.message)
-    return AiosError(f"{name or 'D-Bus error'}: {exc.message}")
+        return error_for_dbus_name(name, message)
+    standard = _STANDARD.get(name)
+    if standard is not None:
+        return standard(message)
+    return AiosError(f"{name or 'D-Bus error'}: {message}")
 
 
 class _Unreachable(Exception):
@@ -98,10 +127,13 @@ class BusClient:
                     f"invalid params: {name}: Field required",
                     data={"errors": [{"field": name, "message": "Field required"}]},
                 )
-            values.append(arg_to_bus(fields[name], value))
+            values.append(arg_to_bus(name, fields[name], value))
         if bm.has_options:
             # Typed from their values: the daemon reads them as declared and validates them.
-            values.append(free_vardict(params))
+            try:
+                values.append(free_vardict(params))
+            except Refused as exc:
+                raise params_error(exc) from None
         return GLib.Variant(f"({bm.in_signature})", tuple(values))
 
     def _invoke(self, bm: BusMethod, params: dict[str, Any]) -> GLib.Variant:
@@ -116,7 +148,7 @@ class BusClient:
                 self._args(bm, params),
                 GLib.VariantType.new(f"({bm.out_signature})"),
                 Gio.DBusCallFlags.NONE,
-                -1,
+                _NO_TIMEOUT,
                 None,
             )
         except GLib.Error as exc:
@@ -256,8 +288,7 @@ class BusClient:
                 None,
             )
         except GLib.Error as exc:
-            Gio.DBusError.strip_remote_error(exc)
-            raise DaemonUnreachable(self._where(), exc.message, _HINT) from None
+            raise DaemonUnreachable(self._where(), _remote(exc)[1], _HINT) from None
         return str(reply.unpack()[0])
 
     def _where(self) -> str:

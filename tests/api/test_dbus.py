@@ -639,6 +639,36 @@ def test_properties_and_unknown_members_answer_with_the_standard_errors(
             pass
 
 
+def test_values_the_bus_cannot_carry_are_refused_by_name_never_changed(
+    private_bus: PrivateBus, bus_daemon: Daemon
+) -> None:
+    from gi.repository import Gio, GLib
+
+    from aiosd.api.dbus.variants import bytes_variant
+    from aiosd.errors import NotSupported
+
+    addr = private_bus.address
+    # Bytes inside free-form metadata: not JSON, so not something storage can keep.
+    metadata = {"metadata": GLib.Variant("a{sv}", {"blob": bytes_variant(b"\x01\x02")})}
+    put = GLib.Variant("(ssva{sv})", ("nul", "meta", GLib.Variant("s", "v"), metadata))
+    with pytest.raises(GLib.Error) as err:
+        _raw_call(addr, "org.aiosd.Daemon1.Storage", "Put", put)
+    assert Gio.DBusError.get_remote_error(err.value) == "org.aiosd.Daemon1.Error.InvalidArgs"
+    assert "metadata.blob: bytes" in err.value.message
+    # Text holding NUL, stored over the socket: D-Bus would cut it, so it is refused there.
+    entry = {"collection": "nul", "key": "text"}
+    with Client(bus_daemon.socket_path) as c:
+        c.call("storage.put", {**entry, "value": "a\x00b"})
+        assert c.call("storage.get", entry)["value"] == "a\x00b"
+    with BusClient(addr) as client:
+        with pytest.raises(NotSupported, match="result member value: text contains NUL"):
+            client.call("storage.get", entry)
+        assert client.call("system.status")["state"] == "running"
+    # An empty interface name reads the property from whichever interface has it.
+    props = GLib.Variant("(ss)", ("", "State"))
+    assert _raw_call(addr, names.DBUS_PROPERTIES, "Get", props).unpack() == ("running",)
+
+
 class _EchoParams(Params):
     words: list[str] = []
 

@@ -12,11 +12,13 @@ from aiosd.errors import DBUS_ERROR_PREFIX, AiosError, Busy, error_for_code, err
 
 
 def _tree() -> list[type[AiosError]]:
+    """Every class that states a code and a D-Bus name (refinements state neither)."""
     out: list[type[AiosError]] = [AiosError]
     todo = list(AiosError.__subclasses__())
     while todo:
         cls = todo.pop()
-        out.append(cls)
+        if "rpc_code" in cls.__dict__:
+            out.append(cls)
         todo.extend(cls.__subclasses__())
     return out
 
@@ -54,7 +56,9 @@ def test_the_three_limits_have_names_of_their_own() -> None:
 
 def test_unknown_codes_and_names_become_the_root() -> None:
     assert type(error_for_code(-31999, "m")) is AiosError
-    assert type(error_for_dbus_name(DBUS_ERROR_PREFIX + "NoSuchThing", "m")) is AiosError
+    unknown = error_for_dbus_name(DBUS_ERROR_PREFIX + "NoSuchThing", "m")
+    assert type(unknown) is AiosError
+    assert unknown.message == f"{DBUS_ERROR_PREFIX}NoSuchThing: m"  # the name is not lost
 
 
 def test_a_duplicate_dbus_name_is_refused_at_definition() -> None:
@@ -80,11 +84,28 @@ def test_a_duplicate_code_is_refused_at_definition() -> None:
     assert type(error_for_code(Busy.rpc_code, "m")) is Busy
 
 
-def test_a_subclass_must_state_its_own_code_and_name() -> None:
-    with pytest.raises(TypeError, match="VeryBusy: rpc_code .* and dbus_name"):
+def test_a_refinement_reaches_clients_as_its_parent() -> None:
+    class OllamaTimeout(errors.BackendUnavailable):
+        """States neither a code nor a name: a finer kind inside the daemon only."""
 
-        class VeryBusy(Busy):
-            """Inherits Busy's code and name: a client could not tell the two apart."""
+    err = OllamaTimeout("slow")
+    assert isinstance(err, errors.BackendUnavailable)
+    assert err.to_rpc()["code"] == errors.BackendUnavailable.rpc_code
+    assert err.dbus_name == errors.BackendUnavailable.dbus_name
+    # Both maps still lead to the parent: a client rebuilds the class that stated them.
+    assert type(error_for_code(err.rpc_code, "m")) is errors.BackendUnavailable
+    assert type(error_for_dbus_name(err.dbus_name, "m")) is errors.BackendUnavailable
+
+
+def test_a_subclass_that_states_only_a_name_is_refused() -> None:
+    with pytest.raises(TypeError, match="HalfBusy: rpc_code -32002 is already Busy's"):
+
+        class HalfBusy(Busy):
+            """A name of its own but Busy's code: the code would lead to two classes."""
+
+            dbus_name = DBUS_ERROR_PREFIX + "HalfBusy"
+
+    assert type(error_for_dbus_name(DBUS_ERROR_PREFIX + "HalfBusy", "m")) is AiosError
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 A field marked :class:`~aiosd.kernel.syscall_base.BusBinary` is a ``v``: ``s`` when the value
 is text, ``ay`` when it is bytes.  The kernel keeps such values as base64 text with
 ``encoding = "base64"``, so bytes arriving from the bus become that, and a result's base64
-text goes on the bus as its bytes (:class:`aiosd.api.dbus.codec.Binary`).
+text goes on the bus as its bytes (:data:`aiosd.api.dbus.codec.BINARY`).
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import base64
 
 from gi.repository import GLib
 
-from aiosd.api.dbus.variants import bytes_variant, free_from_bus, variant_bytes
+from aiosd.api.dbus.variants import Refused, bytes_variant, free_from_bus, text, variant_bytes
 
 
 def binary_variant(value: object) -> GLib.Variant:
-    """Bytes as ``ay``, text as ``s``."""
+    """Bytes as ``ay``, text as ``s`` (never cut: text holding NUL is refused)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes_variant(bytes(value))
     if isinstance(value, str):
-        return GLib.Variant("s", value)
-    raise TypeError(f"{type(value).__name__} where bytes or text are declared")
+        return GLib.Variant("s", text(value))
+    raise Refused(f"{type(value).__name__} where bytes or text are declared")
 
 
 def binary_from_bus(value: GLib.Variant) -> object:
@@ -34,9 +34,9 @@ def binary_from_bus(value: GLib.Variant) -> object:
     return free_from_bus(value)
 
 
-def from_base64(text: str) -> bytes:
+def from_base64(data: str) -> bytes:
     """A result's base64 text as the bytes that go on the bus."""
-    return base64.b64decode(text)
+    return base64.b64decode(data)
 
 
 def to_base64(data: bytes) -> str:

@@ -20,9 +20,12 @@ a union of several types        (:mod:`aiosd.api.dbus.variants`)
 A model member that is None (declared ``T | None``) is left out of its ``a{sv}``: D-Bus has no
 null, and a member the model declares can only be missing because it is null.
 
+Encoding never converts: a value not of the declared type, or one GLib would change (text
+holding NUL, an integer beyond ``x``), is refused with a :class:`Refused` naming its member.
 Going back (results in the SDK, parameters in the daemon), values are read from the variants
 with the same codecs.  That side is lenient: a value of another shape than declared is passed
-on as it is, for the models' validation to name.
+on as it is, for the models' validation to name; only what validation could not tell apart
+(bytes where JSON is declared, bytes sent as ``encoding = "text"``) is refused there.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import enum
 import threading
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from gi.repository import GLib
@@ -39,12 +42,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from aiosd.api.dbus import binary
-from aiosd.api.dbus.variants import free_from_bus, free_vardict, free_variant
+from aiosd.api.dbus.variants import INT64, NotCarried, Refused, free_from_bus, free_variant, text
+from aiosd.errors import AiosError, InvalidParams, NotSupported
 from aiosd.kernel.syscall_base import BusBinary
-
-_INT64 = (-(2**63), 2**63 - 1)
-#: Types a JSON dump turns into arrays.
-_SEQUENCES: tuple[object, ...] = (list, tuple, set, frozenset, Sequence)
 
 
 class Codec:
@@ -54,8 +54,7 @@ class Codec:
         self.signature = signature
 
     def encode(self, value: object) -> object:
-        """A JSON value in the form GLib takes for this signature (a variant wherever it has
-        ``v``); TypeError if the value does not have the declared type."""
+        """A JSON value in the form GLib takes for this signature; Refused if not as declared."""
         raise NotImplementedError
 
     def variant(self, value: object) -> GLib.Variant:
@@ -84,62 +83,43 @@ class Scalar(Codec):
             if sig == "b":
                 return value
         elif isinstance(value, int):
-            if sig == "x" and _INT64[0] <= value <= _INT64[1]:
+            if sig == "x" and INT64[0] <= value <= INT64[1]:
                 return value
-            if sig == "d":
+            if sig == "d" and abs(value) < 2**1024:
                 return float(value)
         elif isinstance(value, float):
             if sig == "d":
                 return value
         elif isinstance(value, str) and sig == "s":
-            return value
-        raise TypeError(f"{type(value).__name__} {value!r:.40} where {sig} is declared")
+            return text(value)
+        raise Refused(f"{type(value).__name__} {value!r:.40} where {sig} is declared")
 
 
-class Free(Codec):
-    """A free-form value: ``v``, holding the type the value has."""
+class Held(Codec):
+    """A ``v`` holding the type its value calls for: free-form, or binary."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, to_bus: Callable[[object], GLib.Variant], from_bus: Callable[[GLib.Variant], object]
+    ) -> None:
         super().__init__("v")
+        self._to_bus = to_bus
+        self._from_bus = from_bus
 
     def encode(self, value: object) -> GLib.Variant:
-        """The variant the value's own type calls for."""
-        return free_variant(value)
+        """The variant the value calls for."""
+        return self._to_bus(value)
 
     def variant(self, value: object) -> GLib.Variant:
-        """A member's variant is the value's own."""
-        return free_variant(value)
+        """The same variant: an ``a{sv}`` member is a ``v`` already."""
+        return self._to_bus(value)
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
-        """The value a ``v`` holds."""
-        return free_from_bus(value.get_variant())
+        """The value the ``v`` holds."""
+        return self._from_bus(value.get_variant())
 
     def member(self, value: GLib.Variant, fill_nulls: bool) -> object:
-        """A member is the value itself."""
-        return free_from_bus(value)
-
-
-class Binary(Codec):
-    """A BusBinary field: ``v`` holding ``s`` (text) or ``ay`` (bytes)."""
-
-    def __init__(self) -> None:
-        super().__init__("v")
-
-    def encode(self, value: object) -> GLib.Variant:
-        """``ay`` for bytes, ``s`` for text."""
-        return binary.binary_variant(value)
-
-    def variant(self, value: object) -> GLib.Variant:
-        """A member's variant is the value's own."""
-        return binary.binary_variant(value)
-
-    def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
-        """Bytes or text, from the ``v``."""
-        return binary.binary_from_bus(value.get_variant())
-
-    def member(self, value: GLib.Variant, fill_nulls: bool) -> object:
-        """Bytes or text."""
-        return binary.binary_from_bus(value)
+        """A member is the held value itself."""
+        return self._from_bus(value)
 
 
 class Array(Codec):
@@ -152,15 +132,24 @@ class Array(Codec):
     def encode(self, value: object) -> list[object]:
         """Each element encoded as the item type."""
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{type(value).__name__} where {self.signature} is declared")
-        return [self.item.encode(v) for v in value]
+            raise Refused(f"{type(value).__name__} where {self.signature} is declared")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(self.item.encode(v))
+            except Refused as exc:
+                raise exc.at(i) from None
+        return out
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
         """Each element decoded as the item type."""
-        item = self.item
-        return [
-            item.decode(value.get_child_value(i), fill_nulls) for i in range(value.n_children())
-        ]
+        out = []
+        for i in range(value.n_children()):
+            try:
+                out.append(self.item.decode(value.get_child_value(i), fill_nulls))
+            except Refused as exc:
+                raise exc.at(i) from None
+        return out
 
 
 class Maybe(Codec):
@@ -193,8 +182,17 @@ class Dict(Codec):
     def encode(self, value: object) -> dict[str, object]:
         """Each member's value encoded as the value type."""
         if not isinstance(value, Mapping):
-            raise TypeError(f"{type(value).__name__} where {self.signature} is declared")
-        return {str(k): self.value.encode(v) for k, v in value.items() if v is not None}
+            raise Refused(f"{type(value).__name__} where {self.signature} is declared")
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            if v is None:
+                continue
+            key = str(k)
+            try:
+                out[text(key)] = self.value.encode(v)
+            except Refused as exc:
+                raise exc.at(key) from None
+        return out
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
         """Each member's value decoded as the value type."""
@@ -202,7 +200,10 @@ class Dict(Codec):
         for i in range(value.n_children()):
             entry = value.get_child_value(i)
             key = entry.get_child_value(0).get_string()
-            out[key] = self.value.decode(entry.get_child_value(1), fill_nulls)
+            try:
+                out[key] = self.value.decode(entry.get_child_value(1), fill_nulls)
+            except Refused as exc:
+                raise exc.at(key) from None
         return out
 
 
@@ -214,6 +215,8 @@ class Field:
     #: None is a value it may have (then it is left out of the ``a{sv}``).
     nullable: bool
     binary: bool
+    #: The model has no default for it.
+    required: bool
 
 
 class Struct(Codec):
@@ -226,25 +229,28 @@ class Struct(Codec):
 
     def encode(self, value: object) -> dict[str, GLib.Variant]:
         """The ``a{sv}`` of a dumped model (base64 text of binary fields becomes bytes)."""
+        model = self.model.__name__
         if not isinstance(value, Mapping):
-            raise TypeError(f"{type(value).__name__} where model {self.model.__name__} is declared")
-        unknown = sorted(str(k) for k in value if k not in self.fields)
-        if unknown:
-            raise TypeError(f"{self.model.__name__} declares no field {', '.join(unknown)}")
+            raise Refused(f"{type(value).__name__} where {model} (a{{sv}}) is declared")
+        for k in value:
+            if k not in self.fields:
+                raise Refused(f"{model} declares no field {k!r}", (str(k),))
         base64 = value.get("encoding") == "base64"
         out: dict[str, GLib.Variant] = {}
         for name, f in self.fields.items():
             v = value.get(name)
             if v is None:
-                if not f.nullable:
-                    raise TypeError(f"{self.model.__name__}.{name} is missing or null")
-                continue
-            if f.binary and base64 and isinstance(v, str):
-                v = binary.from_base64(v)
+                if f.nullable or (name not in value and not f.required):
+                    continue
+                raise Refused(
+                    "missing" if name not in value else "null, which it may not be", (name,)
+                )
             try:
+                if f.binary and base64 and isinstance(v, str):
+                    v = binary.from_base64(v)
                 out[name] = f.codec.variant(v)
-            except TypeError as exc:
-                raise TypeError(f"{self.model.__name__}.{name}: {exc}") from None
+            except Refused as exc:
+                raise exc.at(name) from None
         return out
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> dict[str, object]:
@@ -262,14 +268,26 @@ class Struct(Codec):
     ) -> dict[str, object]:
         """Members (name → the content of its variant) back to JSON, as :meth:`decode`."""
         out: dict[str, object] = {}
+        sent_as_bytes: str | None = None
         for name, v in members.items():
             f = self.fields.get(name)
-            # An undeclared member is kept as it came, for the model's validation to name.
-            value = free_from_bus(v) if f is None else f.codec.member(v, fill_nulls)
+            try:
+                # An undeclared member is kept as it came, for the model's validation to name.
+                value = free_from_bus(v) if f is None else f.codec.member(v, fill_nulls)
+            except Refused as exc:
+                raise exc.at(name) from None
             if f is not None and f.binary and isinstance(value, bytes):
                 value = binary.to_base64(value)
-                out.setdefault("encoding", "base64")
+                sent_as_bytes = name
             out[name] = value
+        # Bytes become base64 text: stored as the text the client said it is, they would be
+        # kept as the wrong value with no error.
+        if sent_as_bytes is not None and out.setdefault("encoding", "base64") != "base64":
+            raise Refused(
+                f"bytes (ay) with encoding {out['encoding']!r}: send text (s), or leave "
+                "encoding out for bytes",
+                (sent_as_bytes,),
+            )
         if fill_nulls:
             for name, f in self.fields.items():
                 if f.nullable and name not in out:
@@ -277,8 +295,8 @@ class Struct(Codec):
         return out
 
 
-FREE = Free()
-BINARY = Binary()
+FREE = Held(free_variant, free_from_bus)
+BINARY = Held(binary.binary_variant, binary.binary_from_bus)
 _SCALARS = {bool: Scalar("b"), int: Scalar("x"), float: Scalar("d"), str: Scalar("s")}
 
 _structs: dict[type[BaseModel], Struct] = {}
@@ -294,6 +312,10 @@ def struct_codec(model: type[BaseModel]) -> Struct:
         s = _structs[model] = Struct(model)  # registered first: a model may contain itself
         try:
             s.fields = {name: field_codec(f) for name, f in model.model_fields.items()}
+            binaries = [name for name, f in s.fields.items() if f.binary]
+            if binaries and "encoding" not in s.fields:
+                # The bus's bytes and the kernel's base64 text are told apart by it.
+                raise TypeError(f"binary field {', '.join(binaries)} needs an encoding field")
         except TypeError as exc:
             del _structs[model]
             raise TypeError(f"{model.__name__}: {exc}") from None
@@ -301,10 +323,14 @@ def struct_codec(model: type[BaseModel]) -> Struct:
 
 
 def field_codec(field: FieldInfo) -> Field:
-    """The codec of one model field (pydantic keeps its ``Annotated`` extras in metadata)."""
-    is_binary = any(isinstance(m, BusBinary) for m in field.metadata)
-    codec = BINARY if is_binary else codec_for(field.annotation)
-    return Field(codec, _nullable(field.annotation) or codec is FREE, is_binary)
+    """The codec of one model field."""
+    # pydantic moves a plain Annotated's extras to metadata, but leaves those of
+    # ``Annotated[...] | None`` in the annotation: the codec, not the marker, says binary.
+    marked = any(isinstance(m, BusBinary) for m in field.metadata)
+    codec = BINARY if marked else codec_for(field.annotation)
+    return Field(
+        codec, _nullable(field.annotation) or codec is FREE, codec is BINARY, field.is_required()
+    )
 
 
 def codec_for(annotation: object) -> Codec:
@@ -322,17 +348,15 @@ def codec_for(annotation: object) -> Codec:
         return codec_for(real[0]) if len(real) == 1 else FREE
     if origin is typing.Literal:
         return _of_values(args, annotation)
-    if annotation in _SEQUENCES or origin in _SEQUENCES:
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            raise TypeError(f"no D-Bus type for {annotation!r} (only tuple[T, ...])")
+    if annotation is list or origin is list:
         item_type = args[0] if args else typing.Any
-        item = codec_for(item_type)
+        item = _contained(item_type, annotation)
         return Array(Maybe(item) if _nullable(item_type) else item)
-    if annotation is dict or origin in (dict, Mapping):
+    if annotation is dict or origin is dict:
         key, value = args or (str, typing.Any)
         if codec_for(key).signature != "s":
             raise TypeError(f"no D-Bus type for {annotation!r} (keys must be strings)")
-        return Dict(codec_for(value))
+        return Dict(_contained(value, annotation))
     if isinstance(annotation, type):
         if issubclass(annotation, BaseModel):
             return struct_codec(annotation)
@@ -342,6 +366,14 @@ def codec_for(annotation: object) -> Codec:
             if issubclass(annotation, base):
                 return codec
     raise TypeError(f"no D-Bus type for {annotation!r}")
+
+
+def _contained(annotation: object, container: object) -> Codec:
+    """The codec of a list's elements or a dict's values."""
+    codec = codec_for(annotation)
+    if codec is BINARY:  # its bytes ↔ base64 needs the model's encoding field
+        raise TypeError(f"no D-Bus type for {container!r} (BusBinary marks a model's own fields)")
+    return codec
 
 
 def _of_values(values: tuple[object, ...], annotation: object) -> Codec:
@@ -386,7 +418,16 @@ def _paths(codec: Codec, path: str, seen: frozenset[type[BaseModel]]) -> Iterato
 
 def result_vardict(model: type[BaseModel], result: Mapping[str, object]) -> dict[str, GLib.Variant]:
     """A syscall's result as the ``a{sv}`` it is sent as: a reply, or a Finished signal."""
-    return struct_codec(model).encode(result)
+    # A value D-Bus cannot carry is the client's to read elsewhere (NotSupported); one not of
+    # the declared type is the daemon's own fault (TypeError, logged by the caller).
+    try:
+        return struct_codec(model).encode(result)
+    except NotCarried as exc:
+        raise NotSupported(
+            f"result member {exc}; read it over the socket (or store such values as base64)"
+        ) from None
+    except Refused as exc:
+        raise TypeError(f"{model.__name__}.{exc}") from None
 
 
 def result_from_bus(model: type[BaseModel], result: GLib.Variant) -> dict[str, object]:
@@ -411,7 +452,10 @@ def params_from_bus(
             key = entry.get_child_value(0).get_string()
             option_keys.append(key)
             members.setdefault(key, entry.get_child_value(1).get_variant())
-    return struct_codec(model).from_members(members, fill_nulls=False), option_keys
+    try:
+        return struct_codec(model).from_members(members, fill_nulls=False), option_keys
+    except Refused as exc:
+        raise params_error(exc) from None
 
 
 def field_codecs(model: type[BaseModel]) -> Mapping[str, Field]:
@@ -419,20 +463,22 @@ def field_codecs(model: type[BaseModel]) -> Mapping[str, Field]:
     return struct_codec(model).fields
 
 
-def arg_to_bus(f: Field, value: object) -> object:
-    """A client's value for a typed argument, in the form GLib takes for its signature.
+def params_error(exc: Refused) -> AiosError:
+    """The error a client gets for a parameter that cannot cross the bus as it is."""
+    if isinstance(exc, NotCarried):
+        return NotSupported(f"{exc}; send it over the socket (a binary value: as bytes)")
+    field = exc.where or "(params)"
+    return InvalidParams(
+        f"invalid params: {field}: {exc.reason}",
+        data={"errors": [{"field": field, "message": exc.reason}]},
+    )
 
-    A value that is not of the declared type goes as near to it as the signature allows,
-    typed from itself, so that the daemon's validation can say what is wrong with it.
-    """
+
+def arg_to_bus(name: str, f: Field, value: object) -> object:
+    """A client's value for typed argument ``name``, in the form GLib takes for its signature."""
+    # Checked here, not left to GLib: GLib would convert a value of another type (1.9 or
+    # True to an ``x``) or fail with an error that names nothing.
     try:
         return f.codec.encode(value)
-    except TypeError:
-        sig = f.codec.signature
-        if sig == "v":
-            return free_variant(value)
-        if sig == "a{sv}" and isinstance(value, Mapping):
-            return free_vardict(value)
-        if sig == "aa{sv}" and isinstance(value, (list, tuple)):
-            return [free_vardict(v) if isinstance(v, Mapping) else v for v in value]
-        return value
+    except Refused as exc:
+        raise params_error(exc.at(name)) from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
 from aiosd.api.dbus import names
-from aiosd.api.dbus.codec import field_codecs
+from aiosd.api.dbus.codec import field_codecs, struct_codec
 from aiosd.kernel.syscall_base import Syscall
 from aiosd.kernel.syscalls import SYSCALLS
 
@@ -79,6 +79,9 @@ def bus_methods(table: Mapping[str, Syscall] | None = None) -> BusMethods:
 def _build(table: Mapping[str, Syscall]) -> BusMethods:
     out: dict[tuple[str, str], BusMethod] = {}
     for spec in table.values():
+        # Built now, so a result D-Bus cannot carry stops the front-end at its start rather
+        # than failing the syscall's first reply.
+        struct_codec(spec.result)
         fields = {k: f for k, f in field_codecs(spec.params).items() if k not in TRANSPORT_FIELDS}
         required = tuple(
             (k, f.codec.signature)

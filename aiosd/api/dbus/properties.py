@@ -55,12 +55,19 @@ def answer(
 ) -> None:
     """Answer a Properties call on an object with ``interfaces`` (name → its properties).
 
-    Every property is read-only.  GDBus has checked the arguments against :data:`XML`.
+    Every property is read-only.  GDBus has checked the arguments against :data:`XML`.  An
+    empty interface name (the specification allows it) stands for all of them.
     """
     iface = str(params.get_child_value(0).get_string())
-    props = interfaces.get(iface)
-    if props is None and iface in STANDARD:
+    if iface:
+        props = interfaces.get(iface)
+        if props is None and iface in STANDARD:
+            props = {}
+    else:
         props = {}
+        for some in interfaces.values():
+            for name, value in some.items():
+                props.setdefault(name, value)  # a name two interfaces share: the first's
     if props is None:
         invocation.return_dbus_error(
             names.DBUS_UNKNOWN_INTERFACE, f"no interface {iface} on {invocation.get_object_path()}"
@@ -75,11 +82,12 @@ def answer(
         )
         return
     prop = str(params.get_child_value(1).get_string())
+    where = iface or "any interface"
     if prop not in props:
-        invocation.return_dbus_error(names.DBUS_UNKNOWN_PROPERTY, f"no property {prop} on {iface}")
+        invocation.return_dbus_error(names.DBUS_UNKNOWN_PROPERTY, f"no property {prop} on {where}")
     elif method == "Get":
         invocation.return_value(GLib.Variant("(v)", (props[prop],)))
     else:
         invocation.return_dbus_error(
-            names.DBUS_PROPERTY_READ_ONLY, f"property {prop} of {iface} is read-only"
+            names.DBUS_PROPERTY_READ_ONLY, f"property {prop} of {where} is read-only"
         )

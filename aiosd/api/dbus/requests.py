@@ -19,7 +19,7 @@ from gi.repository import Gio, GLib
 from aiosd.api.dbus import names, properties
 from aiosd.api.dbus.codec import result_vardict
 from aiosd.api.dbus.introspection import request_xml
-from aiosd.errors import AiosError, Cancelled, InternalError
+from aiosd.errors import AiosError, Cancelled, InternalError, NotSupported
 
 if TYPE_CHECKING:
     from aiosd.kernel.syscall_base import Syscall
@@ -40,7 +40,8 @@ class RequestObject:
         owner: str,
         syscall: Syscall,
     ) -> None:
-        #: Called (in the GLib thread) once the object is gone from the bus.
+        #: Called once the object is gone from the bus, on the event loop's thread (where
+        #: :meth:`run` ends).
         self._forget = forget
         self.con = con
         self.path = path
@@ -71,7 +72,9 @@ class RequestObject:
     async def run(self, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
         """Drive the syscall; report how it ended; remove the object."""
         try:
-            result = await work
+            # Encoded before the state changes: a result that cannot be sent must end as
+            # Failed, never as State=finished with no Finished signal.
+            result = result_vardict(self._result_model, await work)
         except asyncio.CancelledError:
             self._set_state("cancelled")
             self._emit("Failed", "(ss)", (Cancelled.dbus_name, "the request was cancelled"))
@@ -80,20 +83,26 @@ class RequestObject:
             self._set_state("failed")
             self._emit("Failed", "(ss)", (exc.dbus_name, exc.message))
         except Exception:
-            log.exception("request %s failed", self.path)
+            log.exception("request %s (%s) failed", self.path, self.syscall)
             self._set_state("failed")
             self._emit("Failed", "(ss)", (InternalError.dbus_name, "internal error"))
         else:
             self._set_state("finished")
-            self._emit("Finished", "(a{sv})", (result_vardict(self._result_model, result),))
+            self._emit("Finished", "(a{sv})", (result,))
         finally:
             self._remove()
 
     async def emit_token(self, note: dict[str, Any]) -> None:
         """A streamed piece of the answer (called by the kernel for each notification)."""
+        content = str(note.get("content", ""))
+        if "\x00" in content:
+            # GLib would cut the token at the NUL: the generation fails instead.
+            raise NotSupported(
+                "a token contains NUL, which a D-Bus string cannot carry; ask over the socket"
+            )
         if self.state == "pending":
             self._set_state("streaming")
-        self._emit("Token", "(ts)", (int(note.get("seq", 0)), str(note.get("content", ""))))
+        self._emit("Token", "(ts)", (int(note.get("seq", 0)), content))
 
     def cancel(self) -> None:
         """Stop the request (thread-safe)."""

@@ -341,7 +341,7 @@ class DBusFrontend:
         )
 
     def forget(self, req: RequestObject) -> None:
-        """A request object is gone (called from the GLib thread)."""
+        """A request object is gone (called on the event loop's thread, where it ended)."""
         self.requests.pop(req.path, None)
 
     def _with_caller(
@@ -445,15 +445,23 @@ def _typed(props: Mapping[str, object]) -> dict[str, GLib.Variant]:
     return {k: GLib.Variant(PROPERTIES[k], v) for k, v in props.items()}
 
 
-def _caller_from(creds: dict[str, Any], sender: str) -> Caller:
+#: The primary gid of a caller the bus gives no group for: no group has it, so it grants
+#: nothing (Caller.in_group, storage's share look-ups).
+NO_GID = -1
+
+
+def _caller_from(creds: Mapping[str, Any], sender: str) -> Caller:
+    """The caller a bus connection's credentials (``GetConnectionCredentials``) stand for."""
     uid = int(creds["UnixUserID"])
     pid = int(creds.get("ProcessID", 0))
     groups = frozenset(int(g) for g in creds.get("UnixGroupIDs", []))
     # The bus gives no primary gid: the process's own, from /proc (never NSS, which may be
-    # LDAP over the network, in the thread that serves every bus client).
-    gid = process_ids(pid).gid if pid > 0 else None
+    # LDAP over the network, in the thread that serves every bus client), and only while
+    # that pid still runs as the bus's uid, since it may have been reused by another process.
+    ids = process_ids(pid) if pid > 0 else None
+    gid = ids.gid if ids is not None and ids.uids == (uid, uid) else None
     if gid is None:
-        gid = min(groups) if groups else uid
+        gid = min(groups) if groups else NO_GID
     return Caller(
         uid=uid,
         gid=gid,
@@ -474,7 +482,7 @@ def _reply(
     except concurrent.futures.CancelledError:
         _return_error(invocation, ShuttingDown("the request was cancelled before it finished"))
     except Exception as exc:
-        _return_error(invocation, exc, "D-Bus reply failed")
+        _return_error(invocation, exc, "D-Bus reply of %s failed", bm.syscall.name)
 
 
 def _return_error(

@@ -11,8 +11,12 @@ Only what a model declares without a fixed type travels this way (``dict[str, An
 - a null element of an array → an empty byte array (``ay``).  D-Bus has no null, and leaving
   the element out would move the ones after it; JSON has no bytes, so nothing else is ``ay``.
 
-Reading back, an empty ``ay`` is null again, and any other D-Bus type a client sends is
-taken for its natural JSON value.
+Reading back, an empty ``ay`` is null again, a non-empty one is refused (JSON has no bytes,
+and whatever reads free-form data takes it for JSON), and any other D-Bus type a client sends
+is taken for its natural JSON value.
+
+Nothing is ever changed on the way: a value GLib would convert or cut (text holding NUL,
+an integer beyond ``x``) is refused with a :class:`Refused` naming where it is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,39 @@ from gi.repository import GLib
 
 #: The type a null element of a free-form array travels as (see the module docstring).
 NULL_SIGNATURE = "ay"
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class Refused(TypeError):
+    """A value that cannot cross the bus as it is; ``path`` names the member it is at."""
+
+    def __init__(self, reason: str, path: tuple[str | int, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = path
+
+    def at(self, step: str | int) -> Refused:
+        """The same refusal, seen from the member that holds this one."""
+        return type(self)(self.reason, (step, *self.path))
+
+    @property
+    def where(self) -> str:
+        """The path as validation errors write it, ``messages.0.content`` (NUL as ``\\x00``)."""
+        return ".".join(str(p) for p in self.path).replace("\x00", "\\x00")
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" if self.path else self.reason
+
+
+class NotCarried(Refused):
+    """A value of the declared type that D-Bus has no room for: text holding NUL."""
+
+
+def text(value: str) -> str:
+    """The text itself; NotCarried if it holds NUL, where GLib would silently cut it."""
+    if "\x00" in value:
+        raise NotCarried("text contains NUL, which a D-Bus string cannot carry")
+    return value
 
 
 def null_variant() -> GLib.Variant:
@@ -31,32 +68,46 @@ def null_variant() -> GLib.Variant:
 
 
 def free_variant(value: object) -> GLib.Variant:
-    """A free-form value as the variant its own type calls for."""
-    if isinstance(value, GLib.Variant):
+    """A free-form (JSON) value as the variant its own type calls for."""
+    if isinstance(value, GLib.Variant):  # a client's own choice of type, for an option
         return value
     if value is None:
         return null_variant()
     if isinstance(value, bool):
         return GLib.Variant("b", value)
     if isinstance(value, int):
+        if not INT64[0] <= value <= INT64[1]:
+            raise Refused(f"integer {value} is beyond int64 (x)")
         return GLib.Variant("x", value)
     if isinstance(value, float):
         return GLib.Variant("d", value)
     if isinstance(value, str):
-        return GLib.Variant("s", value)
-    if isinstance(value, (bytes, bytearray)):
-        # Not JSON: raw bytes a client passes where a parameter is free-form.
-        return bytes_variant(bytes(value))
+        return GLib.Variant("s", text(value))
     if isinstance(value, Mapping):
         return GLib.Variant("a{sv}", free_vardict(value))
     if isinstance(value, (list, tuple)):
-        return GLib.Variant("av", [free_variant(v) for v in value])
-    raise TypeError(f"no D-Bus type for a free-form {type(value).__name__}")
+        items = []
+        for i, v in enumerate(value):
+            try:
+                items.append(free_variant(v))
+            except Refused as exc:
+                raise exc.at(i) from None
+        return GLib.Variant("av", items)
+    raise Refused(f"{type(value).__name__} is not JSON: free-form values are JSON")
 
 
 def free_vardict(mapping: Mapping[str, object]) -> dict[str, GLib.Variant]:
     """A free-form object as an ``a{sv}``; members whose value is null are left out."""
-    return {str(k): free_variant(v) for k, v in mapping.items() if v is not None}
+    out: dict[str, GLib.Variant] = {}
+    for k, v in mapping.items():
+        if v is None:
+            continue
+        key = str(k)
+        try:
+            out[text(key)] = free_variant(v)
+        except Refused as exc:
+            raise exc.at(key) from None
+    return out
 
 
 def free_from_bus(value: GLib.Variant) -> object:
@@ -65,16 +116,29 @@ def free_from_bus(value: GLib.Variant) -> object:
     if sig == "v":
         return free_from_bus(value.get_variant())
     if sig == "ay":
-        data = variant_bytes(value)
-        return data if data else None
+        if value.n_children():
+            raise Refused(
+                "bytes (ay) where JSON is expected: send text, or the bytes as a list of numbers"
+            )
+        return None
     if sig.startswith("a{"):
         out: dict[object, object] = {}
         for i in range(value.n_children()):
             entry = value.get_child_value(i)
-            out[entry.get_child_value(0).unpack()] = free_from_bus(entry.get_child_value(1))
+            key = entry.get_child_value(0).unpack()
+            try:
+                out[key] = free_from_bus(entry.get_child_value(1))
+            except Refused as exc:
+                raise exc.at(key) from None
         return out
     if sig.startswith(("a", "(")):
-        return [free_from_bus(value.get_child_value(i)) for i in range(value.n_children())]
+        items = []
+        for i in range(value.n_children()):
+            try:
+                items.append(free_from_bus(value.get_child_value(i)))
+            except Refused as exc:
+                raise exc.at(i) from None
+        return items
     return value.unpack()
 
 

@@ -387,3 +387,17 @@ def test_bus_methods_come_from_the_table_given_once_per_table() -> None:
     assert "Echo" in manager_xml(table) and "Echo" not in manager_xml()
     demo = {"demo.echo": Syscall("demo.echo", NoParams, EchoResult, None, _echo, "Echo.", object)}
     assert list(bus_methods(demo)) == [("org.aiosd.Daemon1.Demo", "Echo")]
+
+
+class _Paired(Result):
+    pair: tuple[int, str]
+
+
+def test_a_table_whose_result_dbus_cannot_carry_fails_when_its_methods_are_built() -> None:
+    table = {
+        "demo.pair": Syscall(
+            "demo.pair", NoParams, _Paired, Permission.user, _echo, "Pair.", object
+        )
+    }
+    with pytest.raises(TypeError, match="_Paired: no D-Bus type"):
+        bus_methods(table)

@@ -59,6 +59,18 @@ class _Probe:
     async def boom(self, p: NoParams, c: Caller, emit: object) -> Result:
         raise RuntimeError("secret path /etc/shadow")
 
+    def other(self, p: NoParams, c: Caller, emit: object) -> Result:
+        return _Other(status="fine")
+
+    async def other_later(self, p: NoParams, c: Caller, emit: object) -> Result:
+        return self.other(p, c, emit)
+
+
+class _Other(Result):
+    """Not the StatusResult the probes declare."""
+
+    status: str
+
 
 def _probe(name: str, handler: Handler, permission: Permission | None) -> dict[str, Syscall]:
     return {
@@ -232,3 +244,19 @@ def test_a_request_cancelled_before_it_starts_leaves_nothing_unawaited(
     asyncio.run(run())
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("handler", [_Probe.other, _Probe.other_later], ids=["sync", "async"])
+def test_a_result_of_another_model_than_declared_is_an_internal_error(
+    handler: Handler, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiosd.errors import InternalError
+
+    k = _kernel(extra=_probe("test.other", handler, Permission.user))
+    with caplog.at_level(logging.ERROR, logger="aiosd.kernel.dispatch"):
+        with pytest.raises(InternalError, match="test.other failed inside the daemon"):
+            asyncio.run(_call(k, "test.other", {}, ROOT))
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "syscall test.other returned _Other, not its declared StatusResult"
+    )

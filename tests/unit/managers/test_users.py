@@ -91,5 +91,6 @@ def test_process_ids_are_the_kernel_view_not_nss() -> None:
 
     me = process_ids(os.getpid())
     assert me.gid == os.getegid() and me.groups == frozenset(os.getgroups())
+    assert me.uids == (os.getuid(), os.geteuid())  # whose the pid is, in the same read
     gone = process_ids(2**22 + 12345)  # no such process: nothing known, no error
-    assert gone.gid is None and gone.groups == frozenset()
+    assert gone.gid is None and gone.groups == frozenset() and gone.uids is None
