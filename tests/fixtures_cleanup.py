@@ -13,7 +13,8 @@ What is checked, for every test of the suite:
 * **a blocked loop** — every callback run by any event loop in this process is timed; one
   that kept its loop for longer than 50 ms (``@pytest.mark.loop_block_limit(seconds)``
   raises that for a test that blocks on purpose) fails the test, with a stack sampled
-  while it was blocking.
+  while it was blocking.  Time the thread waited for a CPU, and garbage-collector pauses
+  (which stop every thread), are not counted as the callback's.
 
 Failures are raised in this fixture's teardown (as Home Assistant's are), after every other
 function-scoped fixture of the test has been torn down, so what those fixtures clean up is
@@ -26,6 +27,7 @@ import asyncio
 import asyncio.events
 import asyncio.runners
 import contextlib
+import gc
 import io
 import os
 import sys
@@ -205,6 +207,20 @@ def _describe(handle: asyncio.Handle) -> str:
     return repr(handle)
 
 
+#: Seconds spent in the garbage collector so far (kept by :func:`_gc_clock`): a collection
+#: pauses every thread, so it is the interpreter's pause, not the callback's block.
+_gc_spent = 0.0
+_gc_started = 0.0
+
+
+def _gc_clock(phase: str, info: dict[str, int]) -> None:
+    global _gc_spent, _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        _gc_spent += time.perf_counter() - _gc_started
+
+
 def _timed_run(self: asyncio.Handle) -> None:
     findings = _current
     if findings is None:
@@ -215,6 +231,7 @@ def _timed_run(self: asyncio.Handle) -> None:
         stat = _local.stat = _SchedStat()
     tid = threading.get_ident()
     running = _Running(self, time.perf_counter(), stat.run_delay())
+    gc_before = _gc_spent
     _running[tid] = running
     try:
         _original_run(self)
@@ -222,7 +239,7 @@ def _timed_run(self: asyncio.Handle) -> None:
         _running.pop(tid, None)
         wall = time.perf_counter() - running.start
         if wall > findings.limit:
-            held = wall - (stat.run_delay() - running.delay)
+            held = wall - (stat.run_delay() - running.delay) - (_gc_spent - gc_before)
             if held > findings.limit and len(findings.blocks) >= MAX_BLOCKS:
                 findings.more_blocks += 1
             elif held > findings.limit:
@@ -266,6 +283,7 @@ def _cleanup_instruments() -> Iterator[None]:
     asyncio.set_event_loop_policy(TrackingPolicy())
     asyncio.runners._cancel_all_tasks = _cancel_all_tasks  # type: ignore[attr-defined]
     asyncio.events.Handle._run = _timed_run  # type: ignore[method-assign]
+    gc.callbacks.append(_gc_clock)
     stop = threading.Event()
     # Started before any test's snapshot of threads, so it is never counted as left behind.
     watchdog = threading.Thread(
@@ -277,6 +295,7 @@ def _cleanup_instruments() -> Iterator[None]:
     finally:
         stop.set()
         watchdog.join()
+        gc.callbacks.remove(_gc_clock)
         asyncio.events.Handle._run = _original_run  # type: ignore[method-assign]
         asyncio.runners._cancel_all_tasks = _original_cancel_all  # type: ignore[attr-defined]
         asyncio.set_event_loop_policy(previous)

@@ -623,9 +623,6 @@ def test_a_store_still_running_a_given_up_job_is_not_the_one_closed_for_room(
     run(main)
 
 
-# gc.collect() runs on the loop on purpose (to surface an unretrieved exception); in a full
-# suite's heap it can take longer than the 50 ms a callback may otherwise hold the loop.
-@pytest.mark.loop_block_limit(5)
 def test_an_open_that_fails_after_its_callers_gave_up_leaves_no_unretrieved_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, waiting: Told, caplog: pytest.LogCaptureFixture
 ) -> None:
