@@ -95,12 +95,12 @@ def setup_logging(config: Config, override: str | None) -> None:
         from systemd.journal import JournalHandler
 
         handler = JournalHandler(SYSLOG_IDENTIFIER="aiosd")
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(audit.OneLineFormatter("%(message)s"))
         audit.to_journal()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s")
+            audit.OneLineFormatter("aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )
         audit.to_stream()
     root.addHandler(handler)

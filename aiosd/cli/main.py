@@ -139,8 +139,8 @@ def cmd_queue(client: SyscallClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     for q in res["models"]:
         print(
-            f"{q['model']}: {len(q['running'])}/{q['slots']} slots busy, "
-            f"{len(q['waiting'])} waiting, {q['served']} served"
+            f"{q['model']}: {q['running_total']}/{q['slots']} slots busy, "
+            f"{q['waiting_total']} waiting, {q['served']} served"
         )
         for r in q["running"]:
             print(

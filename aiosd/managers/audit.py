@@ -1,4 +1,4 @@
-"""The audit trail: one record per access decision, written by a bounded writer thread.
+r"""The audit trail: one record per access decision, written by a bounded writer thread.
 
 Every syscall leaves a record, so the record's cost is paid on every call.  A record is
 formatted on the caller's thread and handed to one writer thread, which makes the
@@ -14,6 +14,30 @@ as soon as there is room again: memory stays bounded and the loss is itself on t
 It follows the ``aiosd.audit`` logger's level: with ``log_level`` above ``info`` nothing is
 written.  Where the records go is set with the rest of the logging
 (:func:`aiosd.daemon.setup_logging`): the journal, or a stream (stderr by default).
+
+A record's strings come from callers (a method name, a parameter's name quoted in an error), so
+no record can be forged: each is exactly one line, and reads back unambiguously.  On a stream::
+
+    aiosd[DAEMON_PID]: INFO aiosd.audit: SYSCALL uid=UID pid=PID aid=AID verdict=VERDICT[ (DETAIL)]
+
+``UID`` and ``PID`` are decimal; ``VERDICT`` is one word (``ok``, ``denied``, ``invalid``,
+``unknown``, ``failed``); ``AID`` is ``-`` when the caller is no agent.  ``DETAIL``, when
+there is one, runs from `` (`` to the ``)`` that ends the line.  Every string is escaped
+(:func:`escape`): ``\\`` for a backslash, ``\n``, ``\r``, ``\t``, and ``\xHH``,
+``\uHHHH`` or ``\UHHHHHHHH`` for every other character that is not printable
+(controls, line and paragraph separators, spaces other than U+0020, lone surrogates).
+``SYSCALL`` and ``AID`` are single words besides: a space in them is ``\x20`` and a ``"``
+``\x22``; an empty one is written ``""`` and an agent id ``-`` as ``\x2d``.  So the line
+splits at its first five spaces into ``SYSCALL`` and the four ``key=value`` fields, the rest
+being `` (DETAIL)``, and no string can end the line or fill in another field.  (The note on
+lost records, ``audit: N record(s) lost: …``, holds no caller's string.)
+
+Under journald the message is the same line without the stream's prefix, and the structured
+fields carry the strings unescaped: ``AIOS_SYSCALL``, ``AIOS_UID``, ``AIOS_PID``, ``AIOS_AID``,
+``AIOS_VERDICT`` and, when there is one, ``AIOS_DETAIL``.
+
+The daemon's other log lines can quote callers too: :class:`OneLineFormatter` escapes them the
+same way.
 """
 
 from __future__ import annotations
@@ -75,8 +99,48 @@ def to_stream(stream: IO[str] | None = None) -> None:
     _target = _Target(None, stream, _line_prefix())
 
 
-#: One queued record: (target, message, uid, pid, aid, syscall, verdict).
-_Record = tuple[_Target, str, int, int, str, str, str]
+#: One queued record: (target, message, uid, pid, aid, syscall, verdict, detail).
+_Record = tuple[_Target, str, int, int, str, str, str, str]
+
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(ch: str) -> str:
+    short = _SHORT.get(ch)
+    if short is not None:
+        return short
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """``text`` on one line: backslashes and characters that are not printable escaped."""
+    if text.isprintable() and "\\" not in text:  # nearly always: no per-character work
+        return text
+    return "".join(ch if ch.isprintable() and ch != "\\" else _escaped(ch) for ch in text)
+
+
+def _word(text: str) -> str:
+    """``text`` as one word of a record: :func:`escape`, and no space or ``"`` in it."""
+    if not text:
+        return '""'
+    if text == "-":
+        return "\\x2d"  # "-" alone means "none"
+    if text.isprintable() and " " not in text and "\\" not in text and '"' not in text:
+        return text
+    return "".join(ch if ch.isprintable() and ch not in ' "\\' else _escaped(ch) for ch in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A log formatter that writes each record, traceback included, as one escaped line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record formatted as usual, then passed through :func:`escape`."""
+        return escape(super().format(record))
 
 
 class _Writer:
@@ -144,7 +208,7 @@ class _Writer:
         try:
             if dropped:
                 note = f"audit: {dropped} record(s) lost: the audit writer fell behind"
-                batch.appendleft((_target, note, -1, -1, "", "audit", "lost"))
+                batch.appendleft((_target, note, -1, -1, "", "audit", "lost", ""))
             _write(batch)
         except Exception:  # a sink that fails in a way no write anticipated: count, go on
             with self.cond:
@@ -204,17 +268,19 @@ def record(uid: int, pid: int, aid: str | None, syscall: str, verdict: str, deta
     """
     if not _logger.isEnabledFor(_INFO):
         return
-    message = f"{syscall} uid={uid} pid={pid} aid={aid or '-'} verdict={verdict}" + (
-        f" ({detail})" if detail else ""
+    message = (
+        f"{_word(syscall)} uid={uid} pid={pid} aid={_word(aid) if aid else '-'} verdict={verdict}"
     )
-    _writer.put((_target, message, uid, pid, aid or "", syscall, verdict))
+    if detail:
+        message += f" ({escape(detail)})"
+    _writer.put((_target, message, uid, pid, aid or "", syscall, verdict, detail))
 
 
 def _write(batch: collections.deque[_Record]) -> None:
     """Write records, each where it was meant to go (in the writer thread)."""
     lines: list[str] = []
     current: _Target | None = None
-    for target, message, uid, pid, aid, syscall, verdict in batch:
+    for target, message, uid, pid, aid, syscall, verdict, detail in batch:
         if target is not current:
             if lines and current is not None:
                 _write_lines(current, "".join(lines))
@@ -236,6 +302,7 @@ def _write(batch: collections.deque[_Record]) -> None:
                     AIOS_PID=pid,
                     AIOS_AID=aid,
                     AIOS_VERDICT=verdict,
+                    **({"AIOS_DETAIL": detail} if detail else {}),
                 )
                 continue
             except (OSError, UnicodeError):

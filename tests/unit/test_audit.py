@@ -9,8 +9,9 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -76,6 +77,7 @@ def test_a_record_reaches_the_journal_with_its_fields(audit_to_journal: None) ->
     assert fields["AIOS_PID"] == "17"
     assert fields["AIOS_AID"] == "agent-1"
     assert fields["AIOS_VERDICT"] == "denied"
+    assert fields["AIOS_DETAIL"] == "why"
 
 
 def test_a_record_never_fails_the_request(tmp_path: Path) -> None:
@@ -184,3 +186,231 @@ def test_a_sink_that_raises_does_not_end_auditing(tmp_path: Path) -> None:
         logger.setLevel(before)
     assert "test.second uid=0" in text  # the writer lives on
     assert "audit: 1 record(s) lost" in text  # and says what the broken sink cost
+
+
+# --- records cannot be forged ------------------------------------------------------------------
+
+#: A complete audit record, as a caller would smuggle it into a string of theirs.
+FORGED = "aiosd[1]: INFO aiosd.audit: system.reload uid=0 pid=1 aid=- verdict=ok"
+
+#: The documented line of a record written to a stream (see managers/audit.py).
+RECORD = re.compile(
+    r"aiosd\[(\d+)\]: INFO aiosd\.audit: (\S+) uid=(-?\d+) pid=(-?\d+) aid=(\S+) "
+    r"verdict=(\w+)(?: \((.*)\))?"
+)
+_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8})|(.))")
+_SHORT = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def unescape(text: str) -> str:
+    """The string an escaped field of a record stands for (the documented escapes)."""
+    if text == '""':
+        return ""
+
+    def one(m: re.Match[str]) -> str:
+        code = m[1] or m[2] or m[3]
+        return chr(int(code, 16)) if code else _SHORT[m[4]]
+
+    return _ESCAPE.sub(one, text)
+
+
+def parse(line: str) -> dict[str, object] | None:
+    """A record line's fields, unescaped; None when the line is not a record."""
+    m = RECORD.fullmatch(line)
+    if m is None:
+        return None
+    aid = None if m[5] == "-" else unescape(m[5])
+    detail = "" if m[7] is None else unescape(m[7])
+    return {
+        "syscall": unescape(m[2]),
+        "uid": int(m[3]),
+        "pid": int(m[4]),
+        "aid": aid,
+        "verdict": m[6],
+        "detail": detail,
+    }
+
+
+@pytest.fixture
+def audit_to_file(tmp_path: Path) -> Iterator[Callable[[], list[str]]]:
+    """Records go to a real file; the fixture's value reads back its lines once flushed."""
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    with (tmp_path / "audit.log").open("w+") as sink:
+        audit.to_stream(sink)
+
+        def lines() -> list[str]:
+            assert audit.flush()
+            sink.seek(0)
+            text = sink.read()
+            assert text.endswith("\n")
+            return text[:-1].split("\n")  # every "\n" ends a line: nothing else splits here
+
+        try:
+            yield lines
+        finally:
+            audit.to_stream(None)
+            audit.stop()
+            logger.setLevel(before)
+
+
+UNTRUSTED = [
+    # (syscall, aid, detail): what callers choose, with every way to break a line or a field.
+    (f"x\n{FORGED}", None, ""),
+    ("storage.search", None, f"invalid params: metadata.k\n{FORGED}\n.str: Input should be"),
+    ("storage.search", None, f"carriage\r{FORGED}\r\n(nested) ) verdict=ok"),
+    (f"a b uid=0 pid=1 aid=- verdict=ok{FORGED}", "agent 1\n" + FORGED, "tab\there"),
+    ("sep\u2028line\u2029para\x85nel\x0bvt\x0cff\x1b[2Kesc\x7fdel", "\u00a0", "\u2028" + FORGED),
+    ('back\\slash "quoted" \\n', "-", "\\n is two characters here, \\x0a too"),
+    ("", "", "\udc80 lone surrogate"),
+]
+
+
+def test_untrusted_strings_never_forge_a_record_on_a_stream(
+    audit_to_file: Callable[[], list[str]],
+) -> None:
+    for syscall, aid, detail in UNTRUSTED:
+        audit.record(1000, 42, aid, syscall, "invalid", detail)
+    lines = audit_to_file()
+    assert len(lines) == len(UNTRUSTED), lines  # one line per record, whatever they carried
+    for line, (syscall, aid, detail) in zip(lines, UNTRUSTED, strict=True):
+        assert line.isprintable(), line  # no control character, no line or paragraph separator
+        fields = parse(line)
+        assert fields == {
+            "syscall": syscall,
+            "uid": 1000,
+            "pid": 42,
+            "aid": aid or None,
+            "verdict": "invalid",
+            "detail": detail,
+        }, line
+
+
+def test_the_escaped_form_is_the_documented_one(audit_to_file: Callable[[], list[str]]) -> None:
+    audit.record(7, 8, None, "system.status", "ok", "")
+    audit.record(7, 8, "a\\b c", "x\ny", "unknown", 'no\tsuch "thing" (really)\x00')
+    audit.record(7, 8, "-", "", "unknown", "\u2028")
+    lines = audit_to_file()
+    prefix = f"aiosd[{os.getpid()}]: INFO aiosd.audit: "
+    assert lines == [
+        f"{prefix}system.status uid=7 pid=8 aid=- verdict=ok",
+        rf'{prefix}x\ny uid=7 pid=8 aid=a\\b\x20c verdict=unknown (no\tsuch "thing" (really)\x00)',
+        rf'{prefix}"" uid=7 pid=8 aid=\x2d verdict=unknown (\u2028)',
+    ]
+
+
+def test_under_journald_the_fields_carry_the_data_and_the_message_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import systemd.journal
+
+    sent: list[dict[str, object]] = []
+
+    def send(message: str, **fields: object) -> None:
+        """What the records hand to systemd.journal.send, kept instead of sent."""
+        sent.append({"MESSAGE": message, **fields})
+
+    monkeypatch.setattr(systemd.journal, "send", send)
+    logger = logging.getLogger(audit.LOGGER)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    audit.to_journal()
+    try:
+        for syscall, aid, detail in UNTRUSTED:
+            audit.record(1000, 42, aid, syscall, "invalid", detail)
+        assert audit.flush()
+    finally:
+        audit.to_stream(None)
+        audit.stop()
+        logger.setLevel(before)
+    assert len(sent) == len(UNTRUSTED)
+    for fields, (syscall, aid, detail) in zip(sent, UNTRUSTED, strict=True):
+        message = fields["MESSAGE"]
+        assert isinstance(message, str) and message.isprintable(), message
+        # The message reads as the stream's line does (without the stream's prefix) ...
+        assert parse(f"aiosd[1]: INFO aiosd.audit: {message}") == {
+            "syscall": syscall,
+            "uid": 1000,
+            "pid": 42,
+            "aid": aid or None,
+            "verdict": "invalid",
+            "detail": detail,
+        }
+        # ... and the fields carry the caller's strings exactly as they came.
+        assert fields["AIOS_SYSCALL"] == syscall
+        assert fields["AIOS_AID"] == (aid or "")
+        assert fields.get("AIOS_DETAIL", "") == detail  # sent when there is one
+        assert fields["AIOS_UID"] == 1000 and fields["AIOS_PID"] == 42
+        assert fields["AIOS_VERDICT"] == "invalid"
+        assert fields["MESSAGE_ID"] == audit.MESSAGE_ID
+
+
+# --- the daemon's other log lines ---------------------------------------------------------------
+
+
+#: The daemon's format of a log line on stderr (aiosd/daemon.py).
+STREAM_FORMAT = "aiosd[%(process)d]: %(levelname)s %(name)s: %(message)s"
+
+
+def _one_line_log(sink: IO[str]) -> logging.Logger:
+    logger = logging.getLogger("aiosd.test.oneline")
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(audit.OneLineFormatter(STREAM_FORMAT))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_ordinary_log_lines_quoting_callers_stay_one_line(tmp_path: Path) -> None:
+    with (tmp_path / "daemon.log").open("w+") as sink:
+        logger = _one_line_log(sink)
+        try:
+            logger.error("request %r (%s) failed", f"id\n{FORGED}", f"m\n{FORGED}")
+            try:
+                raise ValueError(f"bad key 'k\n{FORGED}'")
+            except ValueError as exc:
+                logger.error("syscall %s failed unexpectedly", "storage.put", exc_info=exc)
+            logger.warning("user %s:\r%s\u2028%s", "evil\x1b[2K", FORGED, FORGED)
+        finally:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+        sink.seek(0)
+        lines = sink.read().splitlines()
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert line.isprintable(), line
+        assert line.startswith(f"aiosd[{os.getpid()}]: "), line
+        assert parse(line) is None, line  # none of them reads as an audit record
+    assert "Traceback" in lines[1] and "ValueError: bad key" in lines[1]  # kept, on its line
+    assert lines[2].endswith(f"user evil\\x1b[2K:\\r{FORGED}\\u2028{FORGED}")
+
+
+def test_the_daemon_log_keeps_every_record_on_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiosd import daemon
+    from aiosd.config import Config
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with (tmp_path / "stderr").open("w+") as stderr:
+        monkeypatch.setattr("sys.stderr", stderr)
+        daemon.setup_logging(Config.model_validate({"daemon": {"log_target": "stderr"}}), None)
+        try:
+            logging.getLogger("aiosd.api.socket.server").error(
+                "request %r (%s) failed", 1, f"x\n{FORGED}"
+            )
+        finally:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
+            audit.to_stream(None)
+        stderr.seek(0)
+        lines = stderr.read().splitlines()
+    assert len(lines) == 1, lines
+    assert parse(lines[0]) is None, lines

@@ -1,4 +1,9 @@
-"""The ``system.*`` syscalls: what the daemon is doing, for anyone with a role."""
+"""The ``system.*`` syscalls: what the daemon is doing, for anyone with a role.
+
+Who asked for what, and when, is for the asker and the administrators to know:
+``system.queue`` shows a user their own requests in full and only counts of everyone else's
+(``system.status`` has counts only).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from pydantic import BaseModel
 
 from aiosd import __version__
 from aiosd.kernel.llm.registry import Models
-from aiosd.kernel.scheduler import Scheduler
+from aiosd.kernel.scheduler import Priority, QueueView, Scheduler
 from aiosd.kernel.syscall_base import Emit, NoParams, Result, syscall
-from aiosd.managers.access import AccessManager, Caller, Permission
+from aiosd.managers.access import AccessManager, Caller, Permission, Role
 
 State = Literal["starting", "running", "reloading", "stopping"]
 
@@ -39,18 +44,30 @@ class WaitingEntry(BaseModel):
     waited_ms: float
 
 
+class PriorityCount(BaseModel):
+    """How many requests of one priority class run and wait, whoever made them."""
+
+    priority: str
+    running: int
+    waiting: int
+
+
 class QueueModel(BaseModel):
     """One model's queue."""
 
     model: str
     slots: int
     served: int
+    running_total: int
+    waiting_total: int
+    by_priority: list[PriorityCount]
     running: list[RunningEntry]
     waiting: list[WaitingEntry]
 
 
 class QueueResult(Result):
-    """Result of ``system.queue``: running and waiting requests per model."""
+    """Result of ``system.queue``: running and waiting requests per model (a caller who is
+    no administrator: their own requests, and counts of everyone's)."""
 
     models: list[QueueModel]
 
@@ -136,15 +153,34 @@ class SystemSyscalls:
     )
     def queue(self, p: NoParams, c: Caller, emit: Emit | None) -> Result:
         """``system.queue``."""
+        everyone = self.access.role(c) is Role.admin
         return QueueResult(
             models=[
-                QueueModel(
-                    model=name,
-                    slots=v["slots"],
-                    served=v["served"],
-                    running=[RunningEntry(**r) for r in v["running"]],
-                    waiting=[WaitingEntry(**w) for w in v["waiting"]],
-                )
+                _queue_model(name, v, None if everyone else c.uid)
                 for name, v in self.scheduler.view().items()
-            ]
+            ],
         )
+
+
+def _queue_model(name: str, v: QueueView, uid: int | None) -> QueueModel:
+    """One model's queue as ``uid`` may see it (None: every request, for an administrator)."""
+    running, waiting = v["running"], v["waiting"]
+    counts = {prio.value: [0, 0] for prio in Priority}
+    for r in running:
+        counts[r["priority"]][0] += 1
+    for w in waiting:
+        counts[w["priority"]][1] += 1
+    return QueueModel(
+        model=name,
+        slots=v["slots"],
+        served=v["served"],
+        running_total=len(running),
+        waiting_total=len(waiting),
+        by_priority=[
+            PriorityCount(priority=prio, running=n_run, waiting=n_wait)
+            for prio, (n_run, n_wait) in counts.items()
+        ],
+        # Another user's uid, pid and timings say who uses the model and when: not shown.
+        running=[RunningEntry(**r) for r in running if uid is None or r["uid"] == uid],
+        waiting=[WaitingEntry(**w) for w in waiting if uid is None or w["uid"] == uid],
+    )
