@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def invalid_params(exc: ValidationError) -> InvalidParams:
     """Turn a pydantic error into InvalidParams naming every field path."""
     errors = [
-        {"field": ".".join(str(p) for p in e["loc"]) or "(params)", "message": e["msg"]}
+        {"field": _field(e), "message": e["msg"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
     first = errors[0]
@@ -30,6 +30,14 @@ def invalid_params(exc: ValidationError) -> InvalidParams:
     return InvalidParams(
         f"invalid params: {first['field']}: {first['message']}{more}", data={"errors": errors}
     )
+
+
+def _field(error: Any) -> str:
+    # The params rules (syscall_base.uncarriable) name the field themselves.
+    ctx = error.get("ctx") or {}
+    if error["type"] == "uncarriable" and "field" in ctx:
+        return str(ctx["field"])
+    return ".".join(str(p) for p in error["loc"]) or "(params)"
 
 
 #: What :meth:`SyscallPath.run` returns: the JSON-ready result when the syscall finished

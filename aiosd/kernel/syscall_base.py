@@ -9,11 +9,15 @@ class holding the narrow services its handlers need, and marks each handler meth
 from __future__ import annotations
 
 import inspect
+import json
+import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from aiosd.managers.access import Caller, Permission
 
@@ -30,10 +34,84 @@ class BusBinary:
     """
 
 
+#: Containers (objects, arrays) nested in one request's params, the params object included.
+#: Free-form data deeper than this could not travel back over D-Bus, whose messages nest at
+#: most 32 arrays and 32 structures (each level of a JSON object there is an ``a{sv}``).
+MAX_NESTING = 16
+#: Longest name of a member of a free-form object, in characters.
+MAX_KEY_CHARS = 256
+#: Largest free-form object (storage metadata), in bytes of its compact JSON.
+MAX_METADATA_BYTES = 64 * 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: What no string may hold: NUL (D-Bus strings cannot carry it) and lone surrogates (not
+#: UTF-8, so neither SQLite nor D-Bus can keep them).
+_UNCARRIABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def uncarriable(value: Any, path: str = "", depth: int = 1) -> tuple[str, str] | None:
+    """The first part of ``value`` that a transport could not carry back, as (field, why).
+
+    The rules every syscall's params follow, on both transports: text without NUL or lone
+    surrogates, integers within 64 bits, finite numbers, at most :data:`MAX_NESTING` levels
+    of containers, object member names at most :data:`MAX_KEY_CHARS` long.
+    """
+    if isinstance(value, str):
+        bad = _UNCARRIABLE.search(value)
+        if bad is None:
+            return None
+        what = "NUL" if bad.group() == "\x00" else "a lone surrogate (not UTF-8)"
+        return path or "(params)", f"text contains {what} at offset {bad.start()}"
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        if INT64_MIN <= value <= INT64_MAX:
+            return None
+        return path or "(params)", "integer out of the signed 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path or "(params)", "number is not finite")
+    if isinstance(value, (dict, list)):
+        if depth > MAX_NESTING:
+            return path or "(params)", f"nested deeper than {MAX_NESTING} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                if len(key) > MAX_KEY_CHARS:
+                    return path or "(params)", f"member name longer than {MAX_KEY_CHARS}"
+                bad_key = uncarriable(key, f"{path}.(name)" if path else "(name)", depth)
+                if bad_key is not None:
+                    return bad_key
+            sub = f"{path}.{key}" if path else str(key)
+            found = uncarriable(item, sub, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _metadata_size(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{size} bytes of JSON; at most {MAX_METADATA_BYTES}")
+    return value
+
+
+#: Free-form JSON object kept by the daemon (storage metadata, search filters).
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata_size)]
+
+
 class Params(BaseModel):
-    """Base of every parameter model: unknown fields are errors, not ignored."""
+    """Base of every parameter model: unknown fields are errors, not ignored, and nothing a
+    transport could not carry back gets in (:func:`uncarriable`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _carriable(cls, data: Any) -> Any:
+        found = uncarriable(data)
+        if found is not None:
+            where, why = found
+            raise PydanticCustomError("uncarriable", "{why}", {"field": where, "why": why})
+        return data
 
 
 class NoParams(Params):

@@ -645,7 +645,8 @@ def test_values_the_bus_cannot_carry_are_refused_by_name_never_changed(
     from gi.repository import Gio, GLib
 
     from aiosd.api.dbus.variants import bytes_variant
-    from aiosd.errors import NotSupported
+    from aiosd.errors import InvalidParams, NotFound
+    from aiosd.kernel.syscall_base import MAX_NESTING
 
     addr = private_bus.address
     # Bytes inside free-form metadata: not JSON, so not something storage can keep.
@@ -655,14 +656,24 @@ def test_values_the_bus_cannot_carry_are_refused_by_name_never_changed(
         _raw_call(addr, "org.aiosd.Daemon1.Storage", "Put", put)
     assert Gio.DBusError.get_remote_error(err.value) == "org.aiosd.Daemon1.Error.InvalidArgs"
     assert "metadata.blob: bytes" in err.value.message
-    # Text holding NUL, stored over the socket: D-Bus would cut it, so it is refused there.
+    # Text holding NUL: D-Bus would cut it, so no transport lets it in.
     entry = {"collection": "nul", "key": "text"}
     with Client(bus_daemon.socket_path) as c:
-        c.call("storage.put", {**entry, "value": "a\x00b"})
-        assert c.call("storage.get", entry)["value"] == "a\x00b"
+        with pytest.raises(InvalidParams, match="value: text contains NUL"):
+            c.call("storage.put", {**entry, "value": "a\x00b"})
+        with pytest.raises(NotFound):
+            c.call("storage.get", entry)
+    # The deepest metadata the door lets in travels back over D-Bus unchanged.
+    deepest: dict[str, Any] = {"leaf": 2**63 - 1}
+    for _ in range(MAX_NESTING - 2):
+        deepest = {"a": deepest}
+    deep = {"collection": "nul", "key": "deep"}
+    with Client(bus_daemon.socket_path) as c:
+        c.call("storage.put", {**deep, "value": "v", "metadata": deepest})
+        with pytest.raises(InvalidParams, match="nested deeper"):
+            c.call("storage.put", {**deep, "value": "v", "metadata": {"a": deepest}})
     with BusClient(addr) as client:
-        with pytest.raises(NotSupported, match="result member value: text contains NUL"):
-            client.call("storage.get", entry)
+        assert client.call("storage.get", deep)["metadata"] == deepest
         assert client.call("system.status")["state"] == "running"
     # An empty interface name reads the property from whichever interface has it.
     props = GLib.Variant("(ss)", ("", "State"))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from aiosd.errors import InvalidParams, NotFound, PermissionDenied
-from aiosd.kernel.syscall_base import BusBinary, Emit, NoParams, Params, Result, syscall
+from aiosd.kernel.syscall_base import BusBinary, Emit, Metadata, NoParams, Params, Result, syscall
 from aiosd.managers.access import Caller, Permission
 from aiosd.managers.storage import StorageManager
 from aiosd.managers.users import UserDirectory
@@ -37,7 +37,7 @@ class PutParams(Params):
     key: Key
     value: Annotated[str, Field(max_length=MAX_VALUE_CHARS), BusBinary()]
     encoding: Literal["text", "base64"] = "text"
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     #: The decoded value when ``encoding`` is base64 (decoded once, while validating).
     _decoded: bytes | None = PrivateAttr(default=None)
 
