@@ -49,7 +49,18 @@ class SocketConfig(_Section):
     mode: Annotated[int, Field(ge=0, le=0o777)] = 0o666
     max_frame_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 256
+    max_connections_per_user: Annotated[int, Field(ge=1, le=65536)] = 32
+    admin_reserved_connections: Annotated[int, Field(ge=0, le=65535)] = 16
     max_inflight_per_connection: Annotated[int, Field(ge=1, le=4096)] = 16
+
+    @model_validator(mode="after")
+    def _reserve_leaves_room(self) -> SocketConfig:
+        if self.admin_reserved_connections >= self.max_connections:
+            raise ValueError(
+                f"admin_reserved_connections ({self.admin_reserved_connections}) must be "
+                f"less than max_connections ({self.max_connections})"
+            )
+        return self
 
 
 class DBusConfig(_Section):

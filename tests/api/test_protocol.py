@@ -216,7 +216,8 @@ def test_frame_limit_counts_the_newline(daemon: Daemon) -> None:
 
 
 def test_connections_over_the_limit_are_refused_then_admitted_again(tmp_path: Path) -> None:
-    d = Daemon(tmp_path, write_config(tmp_path, extra="[socket]\nmax_connections = 2\n"))
+    extra = "[socket]\nmax_connections = 2\nadmin_reserved_connections = 0\n"
+    d = Daemon(tmp_path, write_config(tmp_path, extra=extra))
     try:
         d.wait_ready()
         first, second = RawClient(d.socket_path), RawClient(d.socket_path)

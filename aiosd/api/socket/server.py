@@ -15,6 +15,7 @@ its high-water mark), its socket is not read either.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -42,7 +43,7 @@ from aiosd.errors import (
     TooManyRequests,
 )
 from aiosd.kernel.kernel import Kernel
-from aiosd.managers.access import Caller
+from aiosd.managers.access import Caller, Role
 from aiosd.managers.users import process_ids
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class SocketServer:
         self.activated = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        #: Admitted connections by peer uid (socket.max_connections_per_user).
+        self._per_uid: collections.Counter[int] = collections.Counter()
         self._serial = 0
         self._boot = f"{int(time.time()):x}"
 
@@ -176,20 +179,50 @@ class SocketServer:
                 out.append(f"uid {c.uid} pid {c.pid} ({len(conn.tasks)} request(s) in flight)")
         return sorted(out)
 
-    def _admit(self, conn: _Connection) -> Caller | None:
-        """Register a new connection and give its caller, or None when over the limit."""
-        if len(self._connections) >= self.cfg.max_connections:
-            return None
+    def _admit(self, conn: _Connection) -> Caller | TooManyConnections:
+        """Register a new connection and give its caller, or the limit it is over.
+
+        Everyone shares max_connections; users (and callers with no role) are also bound by
+        max_connections_per_user and may not take the administrators' reserve.
+        """
+        cfg = self.cfg
+        sock = conn.transport.get_extra_info("socket")
+        peer = peer_caller(sock)
+        if self.kernel.access.role(peer) is not Role.admin:
+            mine = self._per_uid[peer.uid]
+            if mine >= cfg.max_connections_per_user:
+                return TooManyConnections(
+                    f"uid {peer.uid} already holds {mine} connections "
+                    "(socket.max_connections_per_user)",
+                    data={"limit": cfg.max_connections_per_user, "scope": "user"},
+                )
+            shared = cfg.max_connections - cfg.admin_reserved_connections
+            if len(self._connections) >= shared:
+                return TooManyConnections(
+                    f"the daemon already serves {len(self._connections)} connections; the "
+                    f"last {cfg.admin_reserved_connections} are kept for administrators "
+                    "(socket.max_connections, socket.admin_reserved_connections)",
+                    data={"limit": shared, "scope": "users"},
+                )
+        if len(self._connections) >= cfg.max_connections:
+            return TooManyConnections(
+                f"the daemon already serves {cfg.max_connections} connections "
+                "(socket.max_connections)",
+                data={"limit": cfg.max_connections, "scope": "daemon"},
+            )
         self._serial += 1
         # Unique across restarts too: a session's pinned memory outlives the daemon.
         session = f"socket-{self._boot}-{self._serial}"
-        sock = conn.transport.get_extra_info("socket")
-        caller = dataclasses.replace(peer_caller(sock), session=session)
         self._connections.add(conn)
+        self._per_uid[peer.uid] += 1
         self._count_connections()
-        return caller
+        return dataclasses.replace(peer, session=session)
 
     def _release(self, conn: _Connection) -> None:
+        if conn in self._connections and conn.caller is not None:
+            self._per_uid[conn.caller.uid] -= 1
+            if not self._per_uid[conn.caller.uid]:
+                del self._per_uid[conn.caller.uid]
         self._connections.discard(conn)
         self._count_connections()
 
@@ -223,23 +256,20 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
         try:
-            self.caller = self.server._admit(self)
+            admitted = self.server._admit(self)
         except OSError as exc:  # the peer left before we could read its credentials
             log.debug("dropping a connection without credentials: %s", exc)
             self._closing = True
             transport.abort()
             self.finished.set()
             return
-        if self.caller is None:
-            limit = self.server.cfg.max_connections
-            err = TooManyConnections(
-                f"the daemon already serves {limit} connections (socket.max_connections)",
-                data={"limit": limit},
-            )
+        if isinstance(admitted, TooManyConnections):
             self._closing = True
-            self._write(_error(None, err))
+            self._write(_error(None, admitted))
             transport.close()
             self.finished.set()
+            return
+        self.caller = admitted
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
