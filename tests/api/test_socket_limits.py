@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import UnixUser
-from tests.support import Daemon, RawClient, write_config
+from tests.support import Daemon, RawClient, queue_of, story_request, wait_until, write_config
 
 #: Opens N connections as the user it runs as, asks each for system.status, prints each
 #: outcome (a result, or an error code and scope), then holds them until stdin closes.
@@ -21,7 +21,10 @@ held, out = [], []
 for _ in range({n}):
     s = socket.socket(socket.AF_UNIX)
     s.connect({path!r})
-    s.sendall(b'{{"jsonrpc":"2.0","id":1,"method":"system.status"}}\\n')
+    try:  # a refused connection gets its error unasked, and may be closed already
+        s.sendall(b'{{"jsonrpc":"2.0","id":1,"method":"system.status"}}\\n')
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     reply = json.loads(s.makefile("rb").readline())
     if "result" in reply:
         out.append("ok")
@@ -88,3 +91,32 @@ def test_one_user_cannot_lock_others_or_administrators_out(
     finally:
         for proc in holders:
             proc.communicate("", timeout=30)
+
+
+def test_a_client_that_stops_reading_loses_its_slots(tmp_path: Path) -> None:
+    extra = "[socket]\nstalled_timeout = 1.0\n"
+    d = Daemon(tmp_path, write_config(tmp_path, extra=extra))
+    try:
+        d.wait_ready()
+        stuck = RawClient(d.socket_path)
+        big = {"collection": "big", "key": "v"}
+        assert "result" in stuck.call("storage.put", {**big, "value": "x" * 1_000_000})
+        # Two long generations take both slots; large replies then fill the send buffer,
+        # and the client never reads another byte.
+        for req_id in (1, 2):
+            stuck.send(story_request(req_id, 256))
+        observer = RawClient(d.socket_path)
+        wait_until(lambda: len(queue_of(observer)["running"]) == 2, 60, "both slots taken")
+        for req_id in range(3, 11):
+            stuck.send({"jsonrpc": "2.0", "id": req_id, "method": "storage.get", "params": big})
+        # Another client's chat is answered once the stalled client's slots are taken back.
+        answer = observer.call(
+            "llm.chat",
+            {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4},
+        )
+        assert "result" in answer, answer
+        d.wait_log("has not read its replies for 1 s")
+        observer.close()
+        stuck.close()
+    finally:
+        assert d.stop() == 0, d.log()

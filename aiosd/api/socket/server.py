@@ -248,6 +248,7 @@ class _Connection(asyncio.Protocol):
         self._close_when_idle = False
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._stall: asyncio.TimerHandle | None = None
         self._cleanup: asyncio.Task[None] | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
@@ -313,21 +314,48 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         # Senders waiting to write go on (their writes are dropped); _finish cancels them.
         self._wake_senders()
         if self.caller is not None and self._cleanup is None:
             self._cleanup = asyncio.get_running_loop().create_task(self._finish())
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: stop reading its requests until it does.
+        # The client does not read its replies: stop reading its requests until it does,
+        # and give it socket.stalled_timeout seconds before its requests lose their slots.
         self._writing_paused = True
         self.transport.pause_reading()  # type: ignore[attr-defined]
+        if self._stall is None:
+            timeout = self.server.cfg.stalled_timeout
+            self._stall = asyncio.get_running_loop().call_later(timeout, self._stalled)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if not self._closing:
             self.transport.resume_reading()  # type: ignore[attr-defined]
         self._wake_senders()
+
+    def _stalled(self) -> None:
+        """The client has left its replies unread for socket.stalled_timeout seconds: what
+        it holds (LLM slots above all) goes back to the others, and the connection goes."""
+        self._stall = None
+        c = self.caller
+        log.warning(
+            "uid %s pid %s has not read its replies for %.0f s: closing its connection and "
+            "cancelling its %d request(s) (socket.stalled_timeout)",
+            c.uid if c else "?",
+            c.pid if c else "?",
+            self.server.cfg.stalled_timeout,
+            len(self.tasks),
+        )
+        self._closing = True
+        # Not close(): that would wait for the unread replies to be flushed, i.e. forever.
+        self.transport.abort()
 
     def _wake_senders(self) -> None:
         """Let every stream waiting in :meth:`_send` go on."""
