@@ -15,7 +15,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from aiosd.errors import InvalidParams, NotFound, PermissionDenied
-from aiosd.kernel.syscall_base import BusBinary, Emit, Metadata, NoParams, Params, Result, syscall
+from aiosd.kernel.syscall_base import (
+    BusBinary,
+    Emit,
+    Metadata,
+    MetadataFilter,
+    NoParams,
+    Params,
+    Result,
+    syscall,
+)
 from aiosd.managers.access import Caller, Permission
 from aiosd.managers.storage import StorageManager
 from aiosd.managers.users import UserDirectory
@@ -179,7 +188,7 @@ class SearchParams(Params):
 
     query: Annotated[str, Field(min_length=1, max_length=1024)]
     collection: Collection | None = None
-    metadata: dict[str, str | int | float | bool] | None = None
+    metadata: MetadataFilter | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     offset: Annotated[int, Field(ge=0, le=10000)] = 0
     owner: Owner | None = None
@@ -306,7 +315,7 @@ class StorageSyscalls:
         is_text = p.encoding == "text"
         meta = p.metadata or {}
         out = await self.storage.run(
-            c.uid, lambda s: s.put(p.collection, p.key, raw, is_text, meta)
+            c.uid, lambda s: s.put(p.collection, p.key, raw, is_text, meta), tell=True
         )
         return PutResult(**out)
 
@@ -320,7 +329,9 @@ class StorageSyscalls:
     async def get(self, p: GetParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.get``."""
         uid = await self._readable(c, p.owner, p.collection)
-        row = await self.storage.run(uid, lambda s: s.get(p.collection, p.key, p.version))
+        row = await self.storage.run(
+            uid, lambda s: s.get(p.collection, p.key, p.version), tell=uid == c.uid
+        )
         value = row["value"]
         is_text = row["is_text"]
         return GetResult(
@@ -345,7 +356,7 @@ class StorageSyscalls:
         """``storage.list``."""
         uid = await self._readable(c, p.owner, p.collection)
         out = await self.storage.run(
-            uid, lambda s: s.list_keys(p.collection, p.prefix, p.limit, p.after)
+            uid, lambda s: s.list_keys(p.collection, p.prefix, p.limit, p.after), tell=uid == c.uid
         )
         return ListResult(entries=[ListEntry(**e) for e in out["entries"]], next=out["next"])
 
@@ -359,9 +370,9 @@ class StorageSyscalls:
     async def delete(self, p: KeyParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.delete``."""
         if p.purge:
-            await self.storage.run(c.uid, lambda s: s.purge(p.collection, p.key))
+            await self.storage.run(c.uid, lambda s: s.purge(p.collection, p.key), tell=True)
             return DeleteResult(collection=p.collection, key=p.key, version=0, deleted=True)
-        out = await self.storage.run(c.uid, lambda s: s.delete(p.collection, p.key))
+        out = await self.storage.run(c.uid, lambda s: s.delete(p.collection, p.key), tell=True)
         return DeleteResult(**out)
 
     @syscall(
@@ -385,12 +396,14 @@ class StorageSyscalls:
         collections = [p.collection] if p.collection is not None else None
         if collections is None:
             # Everything of the caller's own except the daemon's reserved collections.
-            names = await self.storage.run(uid, lambda s: s.collections())
+            names = await self.storage.run(uid, lambda s: s.collections(), tell=True)
             collections = [n for n in names if not n.startswith("_")]
             if not collections:
                 return SearchResult(hits=[])
         hits = await self.storage.run(
-            uid, lambda s: s.search(p.query, collections, meta, p.limit, p.offset)
+            uid,
+            lambda s: s.search(p.query, collections, meta, p.limit, p.offset),
+            tell=uid == c.uid,
         )
         return SearchResult(hits=[Hit(**h) for h in hits])
 
@@ -404,7 +417,9 @@ class StorageSyscalls:
     async def history(self, p: HistoryParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.history``."""
         uid = await self._readable(c, p.owner, p.collection)
-        out = await self.storage.run(uid, lambda s: s.history(p.collection, p.key))
+        out = await self.storage.run(
+            uid, lambda s: s.history(p.collection, p.key), tell=uid == c.uid
+        )
         return HistoryResult(
             collection=out["collection"],
             key=out["key"],
@@ -421,7 +436,7 @@ class StorageSyscalls:
     async def rollback(self, p: RollbackParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.rollback``."""
         out = await self.storage.run(
-            c.uid, lambda s: s.rollback(p.collection, p.key, p.version, p.at)
+            c.uid, lambda s: s.rollback(p.collection, p.key, p.version, p.at), tell=True
         )
         return PutResult(**out)
 
@@ -443,7 +458,7 @@ class StorageSyscalls:
         gid = await self._gid_named(p.group)
         if not c.in_group(gid):
             raise PermissionDenied(f"you may share only with groups you belong to; not {p.group!r}")
-        await self.storage.run(c.uid, lambda s: s.share(p.collection, gid, p.mode))
+        await self.storage.run(c.uid, lambda s: s.share(p.collection, gid, p.mode), tell=True)
         return await self._shares(c, p.collection)
 
     @syscall(
@@ -456,12 +471,12 @@ class StorageSyscalls:
     async def unshare(self, p: ShareParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.unshare``."""
         gid = await self._gid_named(p.group)
-        if not await self.storage.run(c.uid, lambda s: s.unshare(p.collection, gid)):
+        if not await self.storage.run(c.uid, lambda s: s.unshare(p.collection, gid), tell=True):
             raise NotFound(f"collection {p.collection!r} is not shared with {p.group!r}")
         return await self._shares(c, p.collection)
 
     async def _shares(self, c: Caller, collection: str) -> ShareResult:
-        rows = await self.storage.run(c.uid, lambda s: s.shares())
+        rows = await self.storage.run(c.uid, lambda s: s.shares(), tell=True)
         mine = []
         for r in rows:
             if r["collection"] == collection:
@@ -480,7 +495,8 @@ class StorageSyscalls:
     )
     async def usage(self, p: NoParams, c: Caller, emit: Emit | None) -> Result:
         """``storage.usage``."""
-        return UsageResult(uid=c.uid, **await self.storage.run(c.uid, lambda s: s.usage()))
+        use = await self.storage.run(c.uid, lambda s: s.usage(), tell=True)
+        return UsageResult(uid=c.uid, **use)
 
     @syscall(
         "storage.set_quota",
