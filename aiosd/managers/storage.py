@@ -14,18 +14,27 @@ survives power loss.
 
 A file records its schema version in ``PRAGMA user_version``; :data:`MIGRATIONS` bring an
 older file up to date, one transaction each, and a newer file is refused untouched.  Only a
-file SQLite finds damaged is moved aside, at its first open of a run; any other failure to
-open (a lock, no file descriptor left, an I/O error) leaves the file in place.
+file SQLite finds damaged (or an empty one) is moved aside and replaced by an empty store,
+and its user's own next call is told so; any other failure to open (a lock, no file
+descriptor left, an I/O error) leaves the file in place.  A store that fails while in use
+(damaged, I/O error) is closed; the next call reopens and checks it, without a restart.
+
+The quotas count every byte a user's data takes (:data:`SCHEMA_2`); the quotas an
+administrator sets, and the news of damage not yet told, are kept in the daemon's own
+:class:`Ledger`, not in the users' files.  Every file is 0600 and every directory 0700,
+whatever the umask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -90,11 +99,119 @@ CREATE TRIGGER IF NOT EXISTS usage_key_removed AFTER DELETE ON heads
     BEGIN UPDATE usage SET entries = entries - 1 WHERE id = 1; END;
 """
 
+#: Bytes a version costs beyond what it holds: its row and its entry in the index of rows.
+VERSION_OVERHEAD = 64
+#: Bytes the current version of a key costs beyond what it holds: the key's row among the
+#: live keys, its row in the search index.
+CURRENT_OVERHEAD = 32
+#: Bytes a share costs beyond its collection's name.
+SHARE_OVERHEAD = 32
+#: SQLite's page size (its default, which aiosd never changes), and about how many bytes of
+#: names an index entry keeps on its own page before the rest spills into pages of its own.
+PAGE = 4096
+INDEX_LOCAL = 990
+
+#: A version's collection and key names, in bytes.
+_NAMES = "(length(CAST(collection AS BLOB)) + length(CAST(key AS BLOB)))"
+#: What the names take in an index: themselves, and a name too long for an index page's
+#: share (about 1000 bytes with SQLite's 4096-byte pages) spills into pages of its own.
+_INDEXED_NAMES = (
+    f"({_NAMES} + CASE WHEN {_NAMES} > {INDEX_LOCAL} "
+    f"THEN {PAGE} * (({_NAMES} - {INDEX_LOCAL} + {PAGE - 5}) / {PAGE - 4}) ELSE 0 END)"
+)
+
+#: Schema version 2: the bytes quota counts everything a user's data takes, not only values.
+#: Every kept version (deletion markers included) costs its value, its serialized metadata
+#: and its collection and key names twice (its row and the index that finds it); the current
+#: version of a key costs, while it is current, its text and metadata twice more (the search
+#: index keeps a copy, and its word index can take as much again) and its names twice (the
+#: search row, the live key's row, which is an index too).  Shares cost their collection's
+#: name.
+#: The costs are generated columns, so the triggers, the recount and a migrated file all use
+#: this one definition; a missing version makes a trigger's sum NULL, which the NOT NULL
+#: counter refuses (the write fails) rather than letting the count drift.
+SCHEMA_2 = f"""
+ALTER TABLE versions ADD COLUMN cost INTEGER GENERATED ALWAYS AS (
+    COALESCE(length(CAST(value AS BLOB)), 0) + length(CAST(metadata AS BLOB))
+    + {_NAMES} + {_INDEXED_NAMES} + {VERSION_OVERHEAD}
+) VIRTUAL;
+ALTER TABLE versions ADD COLUMN current_cost INTEGER GENERATED ALWAYS AS (
+    2 * (CASE WHEN is_text THEN COALESCE(length(CAST(value AS BLOB)), 0) ELSE 0 END
+         + length(CAST(metadata AS BLOB)))
+    + {_NAMES} + {_INDEXED_NAMES} + {CURRENT_OVERHEAD}
+) VIRTUAL;
+DROP TRIGGER IF EXISTS usage_version_added;
+DROP TRIGGER IF EXISTS usage_version_removed;
+DROP TRIGGER IF EXISTS usage_key_added;
+DROP TRIGGER IF EXISTS usage_key_removed;
+CREATE TRIGGER usage_version_added AFTER INSERT ON versions
+    BEGIN UPDATE usage SET bytes = bytes + NEW.cost WHERE id = 1; END;
+CREATE TRIGGER usage_version_removed AFTER DELETE ON versions
+    BEGIN UPDATE usage SET bytes = bytes - OLD.cost WHERE id = 1; END;
+CREATE TRIGGER usage_key_added AFTER INSERT ON heads BEGIN
+    UPDATE usage SET entries = entries + 1,
+        bytes = bytes + (SELECT current_cost FROM versions WHERE id = NEW.version_id)
+    WHERE id = 1;
+END;
+CREATE TRIGGER usage_key_moved AFTER UPDATE OF version_id ON heads BEGIN
+    UPDATE usage SET
+        bytes = bytes - (SELECT current_cost FROM versions WHERE id = OLD.version_id)
+            + (SELECT current_cost FROM versions WHERE id = NEW.version_id)
+    WHERE id = 1;
+END;
+CREATE TRIGGER usage_key_removed AFTER DELETE ON heads BEGIN
+    UPDATE usage SET entries = entries - 1,
+        bytes = bytes - (SELECT current_cost FROM versions WHERE id = OLD.version_id)
+    WHERE id = 1;
+END;
+CREATE TRIGGER usage_share_added AFTER INSERT ON shares BEGIN
+    UPDATE usage SET bytes = bytes + length(CAST(NEW.collection AS BLOB)) + {SHARE_OVERHEAD}
+    WHERE id = 1;
+END;
+CREATE TRIGGER usage_share_removed AFTER DELETE ON shares BEGIN
+    UPDATE usage SET bytes = bytes - length(CAST(OLD.collection AS BLOB)) - {SHARE_OVERHEAD}
+    WHERE id = 1;
+END;
+"""
+
+#: Every byte the quota counts, summed over the tables (what the counters must equal).
+RECOUNT_BYTES = f"""
+    (SELECT COALESCE(SUM(cost), 0) FROM versions)
+    + (SELECT COALESCE(SUM(v.current_cost), 0) FROM heads h JOIN versions v ON v.id = h.version_id)
+    + (SELECT COALESCE(SUM(length(CAST(collection AS BLOB)) + {SHARE_OVERHEAD}), 0) FROM shares)
+"""
+
 #: Schema migrations in order: entry ``n - 1`` takes a file from version ``n - 1`` to ``n``.
 #: Version 0 is a new file or one written before versions were stamped; SCHEMA's
 #: ``IF NOT EXISTS`` leaves such a file's tables as they are (and adds what an older build
 #: lacked, such as the usage counters), so it becomes version 1 with its data unchanged.
-MIGRATIONS: tuple[str, ...] = (SCHEMA,)
+#: Version 2 counts every byte (:data:`SCHEMA_2`) and recounts what the file holds.
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,
+    SCHEMA_2 + f"UPDATE usage SET bytes = {RECOUNT_BYTES}, entries = (SELECT COUNT(*) FROM heads) "
+    "WHERE id = 1;",
+)
+
+#: The daemon's own database beside the users' (:class:`Ledger`): the quotas administrators
+#: set, and the damage each user has yet to be told of, which must not live in the users'
+#: files, where a damaged or lost file would take them along.
+LEDGER_FILE = "ledger.sqlite"
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS quotas(
+    uid INTEGER PRIMARY KEY,
+    quota_bytes INTEGER,
+    quota_entries INTEGER
+);
+CREATE TABLE IF NOT EXISTS notices(
+    id INTEGER PRIMARY KEY,
+    uid INTEGER NOT NULL,
+    created REAL NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notices_of_uid ON notices(uid);
+"""
+#: Names of the quotas older files kept in their own ``settings`` table.
+_QUOTA_SETTINGS = ("quota_bytes", "quota_entries")
 
 #: SQLite releases the GIL while it works and while it waits for the disk, so a few more
 #: workers than CPUs keep both busy (the standard library's default for I/O-bound pools).
@@ -222,10 +339,240 @@ def _meta_text(metadata: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _damaged(exc: sqlite3.DatabaseError) -> bool:
+def _damaged(exc: sqlite3.Error) -> bool:
     """Whether SQLite says the file is damaged or not a database (not merely unreadable now)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _failing(exc: sqlite3.Error) -> bool:
+    """Whether an error of a store in use says its file cannot be trusted until reopened:
+    damaged, not a database, or an I/O error (the connection may hold a half-read state)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        _damaged(exc) or (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR)
+    )
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def private_directory(directory: Path) -> None:
+    """Make ``directory`` mode 0700, creating it and any missing parent that way, whatever the
+    umask (``mkdir``'s mode is masked by it)."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+        os.chmod(d, 0o700)
+    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+def _private_files(path: Path) -> None:
+    """Make the database ``path`` and whatever SQLite keeps beside it mode 0600.
+
+    SQLite makes a ``-wal``, ``-shm`` or ``-journal`` with the main file's mode, so a main file
+    that is 0600 keeps them private; these are the files an older run may have left looser.
+    """
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) != 0o600:
+                os.chmod(f"{path}{suffix}", 0o600)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_database(path: Path, build: Callable[[sqlite3.Connection], object]) -> None:
+    """Make the database ``path``, mode 0600, with ``build`` run in it: all or nothing.
+
+    It is built under another name and renamed into place, so ``path`` is either absent or a
+    whole database: never an empty or half-made file that a later open would have to take
+    for a new one or for damage.
+    """
+    tmp = path.with_name(path.name + ".new")
+    for suffix in ("", "-journal"):  # what a run that died here left
+        Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    try:
+        # Created 0600 before SQLite opens it: SQLite gives its journal the same mode.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        db = sqlite3.connect(tmp, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            db.execute("PRAGMA synchronous = FULL")
+            build(db)
+        finally:
+            db.close()
+        os.rename(tmp, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        for suffix in ("", "-journal"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
+
+
+QuotaPair = tuple[int | None, int | None]
+
+
+class Ledger:
+    """The daemon's own records of the users' stores (:data:`LEDGER_FILE`): the quotas
+    administrators set, and the damage a user has yet to be told of.
+
+    Kept apart from the users' files, so a damaged or lost store takes neither along.  Used
+    from the store threads under a lock.  The file is made when it first has something to
+    keep; until then every user has the configured quotas.  A file that cannot be read fails
+    the calls that need it and is left in place: quotas never silently fall back to defaults.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def quotas(self, uid: int) -> QuotaPair:
+        """``uid``'s quotas (bytes, entries); None where the configured one applies."""
+        row = self._query("SELECT quota_bytes, quota_entries FROM quotas WHERE uid = ?", uid)
+        if not row:
+            return (None, None)
+        b, e = row[0]
+        return (None if b is None else int(b), None if e is None else int(e))
+
+    def set_quotas(self, uid: int, quota_bytes: int | None, quota_entries: int | None) -> QuotaPair:
+        """Set ``uid``'s quotas (None: leave that one as it is); the quotas now."""
+        old_bytes, old_entries = self.quotas(uid)
+        new = (
+            old_bytes if quota_bytes is None else quota_bytes,
+            old_entries if quota_entries is None else quota_entries,
+        )
+        self._write(
+            "INSERT INTO quotas(uid, quota_bytes, quota_entries) VALUES (?, ?, ?) "
+            "ON CONFLICT(uid) DO UPDATE SET quota_bytes = excluded.quota_bytes, "
+            "quota_entries = excluded.quota_entries",
+            (uid, *new),
+        )
+        return new
+
+    def adopt_quotas(self, uid: int, quota_bytes: int | None, quota_entries: int | None) -> None:
+        """Keep quotas an older file held for ``uid``, unless the ledger has some already."""
+        self._write(
+            "INSERT OR IGNORE INTO quotas(uid, quota_bytes, quota_entries) VALUES (?, ?, ?)",
+            (uid, quota_bytes, quota_entries),
+        )
+
+    def add_notice(self, uid: int, message: str) -> None:
+        """Keep ``message`` for ``uid`` until :meth:`take_notices` hands it over."""
+        self._write(
+            "INSERT INTO notices(uid, created, message) VALUES (?, ?, ?)",
+            (uid, time.time(), message),
+        )
+
+    def has_notices(self, uid: int) -> bool:
+        """Whether ``uid`` has notices not yet handed over."""
+        return bool(self._query("SELECT 1 FROM notices WHERE uid = ? LIMIT 1", uid))
+
+    def take_notices(self, uid: int) -> list[str]:
+        """``uid``'s notices, oldest first, removed from the ledger."""
+        rows = self._query("SELECT id, message FROM notices WHERE uid = ? ORDER BY id", uid)
+        if rows:
+            self._write(
+                f"DELETE FROM notices WHERE id IN ({','.join('?' * len(rows))})",
+                tuple(r[0] for r in rows),
+            )
+        return [str(r[1]) for r in rows]
+
+    def close(self) -> None:
+        """Close the file (a later call opens it again)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _query(self, sql: str, uid: int) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                db = self._connection(create=False)
+                return [] if db is None else db.execute(sql, (uid,)).fetchall()
+            except (sqlite3.Error, OSError) as exc:
+                raise self._failed(exc) from exc
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._lock:
+            try:
+                db = self._connection(create=True)
+                assert db is not None
+                db.execute(sql, args)
+            except (sqlite3.Error, OSError) as exc:
+                raise self._failed(exc) from exc
+
+    def _connection(self, create: bool) -> sqlite3.Connection | None:
+        if self._db is not None:
+            return self._db
+        if not self.path.exists():
+            if not create:
+                return None
+            private_directory(self.path.parent)
+            create_database(self.path, lambda db: db.executescript(LEDGER_SCHEMA))
+        _private_files(self.path)
+        if self.path.stat().st_size == 0:
+            raise sqlite3.DatabaseError("the file is empty (0 bytes)")
+        db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT
+        )
+        try:
+            # Changes are rare: each is synced to disk before it is confirmed.
+            db.execute("PRAGMA synchronous = FULL")
+            db.executescript(LEDGER_SCHEMA)  # what an older ledger lacks
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    def _failed(self, exc: Exception) -> AiosError:
+        # The connection may be in a bad state: the next call opens the file again.
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        log.error(
+            "the storage ledger %s could not be used: %s; it is left in place for an administrator",
+            self.path,
+            exc,
+        )
+        return AiosError(
+            f"the storage ledger (the quotas set by administrators) could not be used: {exc}; "
+            "storage calls that need it fail until an administrator repairs it (it is left in "
+            "place)"
+        )
+
+
+def _encodable(**texts: str) -> None:
+    """Refuse text SQLite cannot store as UTF-8 (a lone surrogate), naming the field."""
+    for name, text in texts.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidParams(
+                f"invalid params: {name}: not valid Unicode text (a lone surrogate)"
+            ) from None
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+    return row is not None
 
 
 def fts_query(text: str) -> str:
@@ -239,26 +586,58 @@ def fts_query(text: str) -> str:
 class UserStore:
     """One user's database; its connection is used by one thread at a time."""
 
-    def __init__(self, path: Path, uid: int, durability: str, limits: Limits) -> None:
+    def __init__(
+        self,
+        path: Path,
+        uid: int,
+        durability: str,
+        limits: Limits,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.path = path
         self.uid = uid
         self.limits = limits
         self.durability = durability
         self.db: sqlite3.Connection | None = None
+        #: The daemon's records of this store (the manager's, shared by every store).
+        self.ledger = ledger if ledger is not None else Ledger(path.parent / LEDGER_FILE)
+        self._own_ledger = ledger is None
+        #: The quotas an administrator set for this user (None: the configured one).
+        self.quotas: QuotaPair = (None, None)
         #: Why :meth:`open` refused the file (a newer schema), which stays so for this run.
         self.refused: AiosError | None = None
+        #: Times the file failed as damaged while in use since it last passed a check: once
+        #: makes the next open check it fully, twice moves it aside.
+        self.failures = 0
+        #: Where :meth:`open` moved the file aside (damaged), if it did.
+        self.quarantined: Path | None = None
+        #: Whether the ledger holds notices for this user (damage found) not yet told.
+        self.untold = False
 
     # --- opening --------------------------------------------------------------------------
 
     def open(self, check: bool = True) -> None:
-        """Open the database, creating and migrating it as needed; ``check``: damaged goes aside."""
+        """Open the database, creating and migrating it as needed.
+
+        ``check``: run SQLite's quick check first.  A file found damaged (by the check, or by
+        SQLite at any open), or empty, is moved aside and replaced by an empty store; what
+        happened is kept in the ledger until the user is told (:meth:`take_notices`).
+        """
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            version = self._inspect(check) if self.path.exists() else 0
+            private_directory(self.path.parent)
+            version = None
+            if self.path.exists():
+                _private_files(self.path)
+                version = self._inspect(check)
+            if version is None:
+                create_database(self.path, lambda db: self._migrate(db, 0))
+                version = len(MIGRATIONS)
             db = self._connect()
             try:
                 self._migrate(db, version)
-                os.chmod(self.path, 0o600)
+                self._adopt_quotas(db)
+                self.quotas = self.ledger.quotas(self.uid)
+                self.untold = self.ledger.has_notices(self.uid)
             except BaseException:
                 db.close()
                 raise
@@ -277,6 +656,14 @@ class UserStore:
             ) from exc
         self.db = db
 
+    def take_notices(self) -> str | None:
+        """What the user has yet to be told (damage found and moved aside), now told."""
+        if not self.untold:
+            return None
+        notices = self.ledger.take_notices(self.uid)
+        self.untold = False
+        return " ".join(notices) if notices else None
+
     def _connect(self) -> sqlite3.Connection:
         # Not bound to the opening thread: the store's job queue, not the thread, keeps one
         # user of the connection at a time, on whichever pool worker is free.
@@ -291,25 +678,32 @@ class UserStore:
             raise
         return db
 
-    def _inspect(self, check: bool) -> int:
-        """The schema version, read-only; refuses a newer one; ``check``: damaged goes aside (0)."""
+    def _inspect(self, check: bool) -> int | None:
+        """The schema version, read-only; refuses a newer one; moves an empty or damaged
+        file aside (None); ``check``: look for damage first."""
         problem: str | None = None
-        try:
-            # Before any check: a file this code must not use is left as it is (quick_check
-            # cannot even parse the schema of some newer files).
-            version = self._version()
-            if version > len(MIGRATIONS):
-                raise self._refuse(version)
-            if check:
-                problem = self._quick_check()
-        except sqlite3.DatabaseError as exc:
-            if not (check and _damaged(exc)):
-                raise
-            problem = str(exc)
+        if self.path.stat().st_size == 0:
+            # SQLite would take it for a new, empty database.
+            problem = "the file is empty (0 bytes)"
+        elif self.failures >= 2:
+            problem = f"it failed as damaged {self.failures} times in a row while in use"
+        else:
+            try:
+                # Before any check: a file this code must not use is left as it is
+                # (quick_check cannot even parse the schema of some newer files).
+                version = self._version()
+                if version > len(MIGRATIONS):
+                    raise self._refuse(version)
+                if check or self.failures:
+                    problem = self._check(thorough=self.failures > 0)
+            except sqlite3.DatabaseError as exc:
+                if not _damaged(exc):
+                    raise
+                problem = str(exc)
         if problem is None:
             return version
         self._quarantine(problem)
-        return 0
+        return None
 
     def _version(self) -> int:
         """The file's ``user_version``, read through a read-only connection."""
@@ -324,18 +718,29 @@ class UserStore:
         finally:
             db.close()
 
-    def _quick_check(self) -> str | None:
-        """What ``PRAGMA quick_check`` found wrong, or None if nothing."""
+    def _check(self, thorough: bool) -> str | None:
+        """What SQLite's check found wrong, or None if nothing.
+
+        ``thorough`` (a file that failed while in use): ``integrity_check``, which also
+        compares the indexes with their tables, and the search index's own check, instead of
+        ``quick_check``.
+        """
         # Read-write, as the connection proper will be: closing it as the last one removes
         # the empty -wal and -shm that reading a WAL file leaves.
         db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
         try:
-            rows = db.execute("PRAGMA quick_check").fetchall()
+            pragma = "integrity_check" if thorough else "quick_check"
+            rows = db.execute(f"PRAGMA {pragma}").fetchall()
+            if rows == [("ok",)] and thorough and _has_table(db, "search"):
+                db.execute("INSERT INTO search(search) VALUES ('integrity-check')")
         finally:
             db.close()
         if rows == [("ok",)]:
             return None
-        return "; ".join(str(r[0]) for r in rows[:3])
+        # A row may hold many findings, one a line: the first few tell what is wrong.
+        findings = [line for r in rows for line in str(r[0]).splitlines() if line.strip()]
+        summary = "; ".join(findings[:3])
+        return summary + (f"; and {len(findings) - 3} more" if len(findings) > 3 else "")
 
     def _refuse(self, version: int) -> AiosError:
         """The error for a file of a newer schema version, remembered in :attr:`refused`."""
@@ -356,11 +761,25 @@ class UserStore:
         return self.refused
 
     def _quarantine(self, problem: str) -> None:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        """Move the file aside, kept for recovery, and keep a notice for the user."""
+        stamp = int(time.time())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
+            n += 1
+        # The notice first: a file moved aside is never replaced without one.
+        self.ledger.add_notice(
+            self.uid,
+            f"storage of uid {self.uid} was found damaged ({problem}) and moved aside to "
+            f"{aside.name}, where an administrator can recover it; this is a new, empty "
+            "store (quotas set by an administrator still apply).",
+        )
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 src.rename(Path(str(aside) + suffix))
+        self.quarantined = aside
         log.error(
             "storage of uid %d failed its integrity check (%s): moved %s aside to %s and "
             "started an empty store; the old file is kept for recovery",
@@ -393,11 +812,33 @@ class UserStore:
                 )
                 raise
 
+    def _adopt_quotas(self, db: sqlite3.Connection) -> None:
+        """Move quotas an older aiosd kept in this file to the daemon's ledger."""
+        marks = ",".join("?" * len(_QUOTA_SETTINGS))
+        rows = dict(
+            db.execute(
+                f"SELECT name, value FROM settings WHERE name IN ({marks})", _QUOTA_SETTINGS
+            ).fetchall()
+        )
+        if not rows:
+            return
+
+        def value(name: str) -> int | None:
+            v = rows.get(name)
+            return None if v is None else int(v)
+
+        # Into the ledger first: the file's copy goes only once the ledger has them.
+        self.ledger.adopt_quotas(self.uid, value("quota_bytes"), value("quota_entries"))
+        db.execute(f"DELETE FROM settings WHERE name IN ({marks})", _QUOTA_SETTINGS)
+        log.info("storage of uid %d: its quotas moved to %s", self.uid, self.ledger.path)
+
     def close(self) -> None:
         """Close the database; the caller makes sure no other thread is using it."""
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self._own_ledger:
+            self.ledger.close()
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -431,43 +872,74 @@ class UserStore:
         return last + 1
 
     def usage(self) -> Usage:
-        """Bytes (all versions kept) and entries (live keys) in use, with the quotas."""
-        used_bytes, used_entries = self._db.execute(
-            "SELECT bytes, entries FROM usage WHERE id = 1"
-        ).fetchone()
+        """Bytes (everything stored, all versions kept) and entries (live keys) in use, with
+        the quotas."""
+        used_bytes, used_entries = self._counts()
         quota_bytes, quota_entries = self._quotas()
         return {
-            "used_bytes": int(used_bytes),
-            "used_entries": int(used_entries),
+            "used_bytes": used_bytes,
+            "used_entries": used_entries,
             "quota_bytes": quota_bytes,
             "quota_entries": quota_entries,
         }
 
+    def _counts(self) -> tuple[int, int]:
+        used_bytes, used_entries = self._db.execute(
+            "SELECT bytes, entries FROM usage WHERE id = 1"
+        ).fetchone()
+        return int(used_bytes), int(used_entries)
+
     def _quotas(self) -> tuple[int, int]:
-        rows = dict(
-            self._db.execute(
-                "SELECT name, value FROM settings WHERE name IN ('quota_bytes', 'quota_entries')"
-            ).fetchall()
-        )
+        quota_bytes, quota_entries = self.quotas
         return (
-            int(rows.get("quota_bytes", self.limits.quota_bytes)),
-            int(rows.get("quota_entries", self.limits.quota_entries)),
+            self.limits.quota_bytes if quota_bytes is None else quota_bytes,
+            self.limits.quota_entries if quota_entries is None else quota_entries,
         )
 
     def set_quota(self, quota_bytes: int | None, quota_entries: int | None) -> Usage:
-        """Set this user's quotas (admins only; checked by the caller)."""
-        with self._tx():
-            for name, value in (("quota_bytes", quota_bytes), ("quota_entries", quota_entries)):
-                if value is not None:
-                    self._db.execute(
-                        "INSERT INTO settings(name, value) VALUES (?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                        (name, value),
-                    )
+        """Set this user's quotas (admins only; checked by the caller), in the ledger."""
+        self.quotas = self.ledger.set_quotas(self.uid, quota_bytes, quota_entries)
         return self.usage()
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
+
+    def _within_quota(self, before: tuple[int, int], what: str) -> None:
+        """Refuse (raise, so the transaction rolls back) a write that took the use over a quota.
+
+        Checked on the counters the write itself moved, so whatever the write stored is
+        counted; a write that shrinks a use already over its quota (an administrator lowered
+        it) is let through.
+        """
+        after = self._counts()
+        quotas = self._quotas()
+        names = ("bytes", "entries")
+        over = [
+            name
+            for name, old, new, quota in zip(names, before, after, quotas, strict=True)
+            if new > quota and new > old
+        ]
+        if not over:
+            return
+        hint = (
+            " (deleting a key keeps its history: delete it with purge to free its bytes)"
+            if "bytes" in over
+            else ""
+        )
+        raise QuotaExceeded(
+            f"storage quota exceeded: {what} needs {after[0]} bytes and {after[1]} entries; "
+            f"the quota is {quotas[0]} bytes and {quotas[1]} entries (in use: {before[0]} "
+            f"bytes, {before[1]} entries){hint}",
+            data={
+                "used_bytes": before[0],
+                "used_entries": before[1],
+                "quota_bytes": quotas[0],
+                "quota_entries": quotas[1],
+                "needed_bytes": after[0],
+                "needed_entries": after[1],
+                "exceeded": over[0],
+            },
+        )
 
     # --- operations -----------------------------------------------------------------------
 
@@ -477,32 +949,17 @@ class UserStore:
         """Store a new version; refuse (changing nothing) if it would exceed a quota."""
         size = len(value)
         now = time.time()
+        meta_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+        _encodable(collection=collection, key=key, metadata=meta_json)
         with self._tx():
+            before = self._counts()
             head = self._head_id(collection, key)
             version = self._next_version(collection, key)
             pruned = self._db.execute(
-                "SELECT id, size FROM versions WHERE collection = ? AND key = ? "
+                "SELECT id FROM versions WHERE collection = ? AND key = ? "
                 "ORDER BY version DESC LIMIT -1 OFFSET ?",
                 (collection, key, self.limits.retention - 1),
             ).fetchall()
-            use = self.usage()
-            new_bytes = use["used_bytes"] + size - sum(s for _, s in pruned)
-            new_entries = use["used_entries"] + (0 if head is not None else 1)
-            if new_bytes > use["quota_bytes"] or new_entries > use["quota_entries"]:
-                what = "bytes" if new_bytes > use["quota_bytes"] else "entries"
-                raise QuotaExceeded(
-                    f"storage quota exceeded: this write needs {new_bytes} bytes and "
-                    f"{new_entries} entries; the quota is {use['quota_bytes']} bytes and "
-                    f"{use['quota_entries']} entries (in use: {use['used_bytes']} bytes, "
-                    f"{use['used_entries']} entries)",
-                    data={
-                        **use,
-                        "needed_bytes": new_bytes,
-                        "needed_entries": new_entries,
-                        "exceeded": what,
-                    },
-                )
-            meta_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
             cur = self._db.execute(
                 "INSERT INTO versions(collection, key, version, value, is_text, metadata, size, "
                 "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -522,7 +979,8 @@ class UserStore:
                 (new_id, collection, key, body, _meta_text(metadata)),
             )
             if pruned:
-                self._db.executemany("DELETE FROM versions WHERE id = ?", [(i,) for i, _ in pruned])
+                self._db.executemany("DELETE FROM versions WHERE id = ?", pruned)
+            self._within_quota(before, "this write")
         return {
             "collection": collection,
             "key": key,
@@ -582,8 +1040,13 @@ class UserStore:
         ]
 
     def delete(self, collection: str, key: str) -> Deletion:
-        """Remove a key; its history stays (a rollback brings it back)."""
+        """Remove a key; its history stays (a rollback brings it back).
+
+        The deletion marker is a version too, and counts: a delete that would take the bytes
+        over the quota is refused (a purge frees them instead).
+        """
         with self._tx():
+            before = self._counts()
             head = self._head_id(collection, key)
             if head is None:
                 raise _not_found(collection, key, None)
@@ -597,6 +1060,7 @@ class UserStore:
             self._db.execute(
                 "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
             )
+            self._within_quota(before, "this delete")
         return {"collection": collection, "key": key, "version": version, "deleted": True}
 
     def purge(self, collection: str, key: str) -> None:
@@ -604,16 +1068,17 @@ class UserStore:
         memory must not linger in history)."""
         with self._tx():
             head = self._head_id(collection, key)
+            if head is not None:
+                # Before its versions: the counters read the current version's cost.
+                self._db.execute("DELETE FROM search WHERE rowid = ?", (head,))
+                self._db.execute(
+                    "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
+                )
             cur = self._db.execute(
                 "DELETE FROM versions WHERE collection = ? AND key = ?", (collection, key)
             )
             if cur.rowcount == 0:
                 raise _not_found(collection, key, None)
-            if head is not None:
-                self._db.execute("DELETE FROM search WHERE rowid = ?", (head,))
-            self._db.execute(
-                "DELETE FROM heads WHERE collection = ? AND key = ?", (collection, key)
-            )
 
     def history(self, collection: str, key: str) -> KeyHistory:
         """Every version kept, oldest first."""
@@ -676,6 +1141,8 @@ class UserStore:
         try:
             rows = self._db.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
+            if _failing(exc):
+                raise  # the file, not the query
             raise InvalidParams(f"invalid params: query: {exc}") from None
         return [
             {"collection": c, "key": k, "version": ver, "score": round(-score, 6), "snippet": snip}
@@ -684,12 +1151,15 @@ class UserStore:
 
     def share(self, collection: str, gid: int, mode: str) -> None:
         """Let members of ``gid`` read ``collection``."""
+        _encodable(collection=collection)
         with self._tx():
+            before = self._counts()
             self._db.execute(
                 "INSERT INTO shares(collection, gid, mode) VALUES (?, ?, ?) "
                 "ON CONFLICT(collection, gid) DO UPDATE SET mode = excluded.mode",
                 (collection, gid, mode),
             )
+            self._within_quota(before, "this share")
 
     def unshare(self, collection: str, gid: int) -> bool:
         """Revoke a share; True if there was one."""
@@ -808,6 +1278,8 @@ class _Open:
     #: Calls holding the store, which is not closed to make room meanwhile: a call holds it
     #: from when it waits for the open, so a store just opened outlasts its callers' return.
     holders: int = 0
+    #: Whether a call found its file failing (it is closed, and the next call reopens it).
+    failed: bool = False
 
 
 def _retrieve(uid: int, task: asyncio.Task[Any]) -> None:
@@ -847,34 +1319,86 @@ class StorageManager:
         self._checked: set[int] = set()
         #: Why a uid's file was refused (a newer schema): its calls fail alike for this run.
         self._refused: dict[int, str] = {}
+        #: Uids whose file failed as damaged while in use, and how many times in a row.
+        self._failures: dict[int, int] = {}
+        #: The quotas administrators set and the notices of damage, outside the users' files.
+        self._ledger = Ledger(directory / LEDGER_FILE)
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        #: Whether a close has stopped the worker threads (a second close has nothing to do).
+        self._stopped = False
 
-    async def run(self, uid: int, fn: Callable[[UserStore], T]) -> T:
-        """Run ``fn(store)`` on a worker thread, alone on ``uid``'s store, opening it if needed."""
+    async def run(self, uid: int, fn: Callable[[UserStore], T], *, tell: bool = False) -> T:
+        """Run ``fn(store)`` on a worker thread, alone on ``uid``'s store, opening it if needed.
+
+        ``tell``: the call is the user's own (not the daemon's, nor another user's), so if the
+        user has yet to be told that their store was found damaged and moved aside, the call
+        fails with that news instead of running, once.
+        """
         entry = await self._acquire(uid)
         store = entry.store
+
+        def work() -> T:
+            if tell:
+                news = store.take_notices()
+                if news is not None:
+                    raise AiosError(news)
+            return fn(store)
+
         try:
-            job = entry.jobs.submit(lambda: fn(store))
+            job = entry.jobs.submit(work)
         except BaseException:
             self._release(entry)
             raise
         try:
             # A caller that gives up cancels its job if it has not started; one that runs
             # cannot be interrupted, but the store's later jobs (its close too) wait for it.
-            return await asyncio.wrap_future(job)
+            result = await asyncio.wrap_future(job)
+        except sqlite3.Error as exc:
+            raise self._failed(uid, entry, exc) from exc
         finally:
             self._release(entry)
+        if uid in self._failures and self._open.get(uid) is entry:
+            del self._failures[uid]  # reopened and working again
+        return result
+
+    def _failed(self, uid: int, entry: _Open, exc: sqlite3.Error) -> AiosError:
+        """The error for a call whose work SQLite failed; a failing file is closed, to be
+        reopened (and checked) by the next call, without a restart."""
+        if not _failing(exc):
+            # A lock held too long, a full disk: the connection is sound, the call failed.
+            return AiosError(f"storage of uid {uid} failed: {exc}")
+        if not entry.failed:
+            entry.failed = True
+            if _damaged(exc):
+                self._failures[uid] = self._failures.get(uid, 0) + 1
+            self._checked.discard(uid)  # the reopen checks the file again
+            log.error(
+                "storage of uid %d failed while in use: %s; it is closed, and the next request "
+                "reopens and checks it",
+                uid,
+                exc,
+            )
+            if self._open.get(uid) is entry:
+                self._evict(uid)  # after the jobs queued on it, which may fail alike
+        return AiosError(
+            f"storage of uid {uid} failed: {exc} (the store is closed; the next request "
+            "reopens it and checks the file)"
+        )
 
     def exists(self, uid: int) -> bool:
         """Whether ``uid`` has a store at all (without creating one)."""
         return uid in self._open or (self.directory / f"{uid}.sqlite").exists()
 
-    async def run_existing(self, uid: int, fn: Callable[[UserStore], T], default: T) -> T:
+    async def run_existing(
+        self, uid: int, fn: Callable[[UserStore], T], default: T, *, tell: bool = False
+    ) -> T:
         """:meth:`run` if ``uid`` has a store, else ``default`` (no store is created)."""
         if not self.exists(uid):
             return default
-        return await self.run(uid, fn)
+        if tell:
+            return await self.run(uid, fn, tell=True)
+        return await self.run(uid, fn)  # as subclasses that wrap run(uid, fn) expect
 
     async def close(self) -> None:
         """Let the calls under way end, close every store and stop the worker threads."""
@@ -887,6 +1411,9 @@ class StorageManager:
         for uid in list(self._open):
             self._evict(uid)
         await asyncio.gather(*self._closing.values())
+        if not self._stopped:
+            self._stopped = True
+            await asyncio.wrap_future(self._pool.submit(self._ledger.close))
         # Every worker is idle now: joining them is immediate.
         self._pool.shutdown(wait=True)
 
@@ -906,7 +1433,10 @@ class StorageManager:
             return entry
         opening = self._opening.get(uid)
         if opening is None:
-            store = UserStore(self.directory / f"{uid}.sqlite", uid, self.durability, self.limits)
+            store = UserStore(
+                self.directory / f"{uid}.sqlite", uid, self.durability, self.limits, self._ledger
+            )
+            store.failures = self._failures.get(uid, 0)
             entry = _Open(store, _Serial(self._pool))
             task = asyncio.get_running_loop().create_task(self._open_store(uid, entry))
             task.add_done_callback(functools.partial(_retrieve, uid))
@@ -948,6 +1478,8 @@ class StorageManager:
             del self._opening[uid]
             if entry.store.refused is not None:
                 self._refused[uid] = entry.store.refused.message
+            if entry.store.quarantined is not None:
+                self._failures.pop(uid, None)  # the next open makes a new file
             if (
                 job is not None
                 and not job.cancelled()
@@ -963,6 +1495,8 @@ class StorageManager:
                 self._wake()
             raise
         del self._opening[uid]
+        if entry.store.quarantined is not None:
+            self._failures.pop(uid, None)  # a new file, which has never failed
         self._checked.add(uid)
         self._open[uid] = entry
         # One who waits for room may close this store once its calls are done with it, or

@@ -178,7 +178,9 @@ def test_put_over_quota_fails_and_changes_nothing(
     replies = as_user(
         user,
         store_daemon,
-        ("storage.put", {"collection": "big", "key": "a", "value": "x" * 150000}),
+        # 50000 bytes of text cost about 150000: the value, and the search index's copy of
+        # the current version, which counts twice (its text and its word index).
+        ("storage.put", {"collection": "big", "key": "a", "value": "x" * 50000}),
         ("storage.usage", {}),
         ("storage.put", {"collection": "big", "key": "b", "value": "y" * 60000}),
         ("storage.usage", {}),
@@ -416,3 +418,37 @@ def test_memory_of_one_user_is_invisible_to_another(
     assert ok(replies[5])["hits"] == []
     got = ok(as_user(a, store_daemon, ("memory.get", target))[0])
     assert got["content"] == "the vault code is 4711"
+
+
+def test_metadata_and_key_names_count_against_the_quota(
+    unix_users: dict[str, UnixUser], store_daemon: Daemon
+) -> None:
+    user = unix_users["in"]
+    meta = {"blob": "y" * 40000}
+    puts = [
+        ("storage.put", {"collection": "meta", "key": f"k{i}", "value": "x", "metadata": meta})
+        for i in range(10)
+    ]
+    replies = as_user(user, store_daemon, ("storage.usage", {}), *puts, ("storage.usage", {}))
+    before, after = ok(replies[0]), ok(replies[-1])
+    accepted = [r for r in replies[1:-1] if "result" in r]
+    refused = [err(r, QUOTA) for r in replies[1:-1] if "error" in r]
+    # Ten 1-byte values would fit many times over: their metadata is what fills the quota.
+    assert accepted and refused
+    assert refused[0]["data"]["exceeded"] == "bytes"
+    assert after["used_bytes"] - before["used_bytes"] >= len(accepted) * 40000
+    assert after["used_bytes"] <= after["quota_bytes"] == 200000
+    # Long key names count too: 1000-byte keys with empty values cannot fill the entries quota.
+    long_keys = [
+        ("storage.put", {"collection": "names", "key": f"{i:03}" + "k" * 997, "value": ""})
+        for i in range(50)
+    ]
+    replies = as_user(user, store_daemon, *long_keys, ("storage.usage", {}))
+    assert any("error" in r and r["error"]["code"] == QUOTA for r in replies[:-1])
+    assert ok(replies[-1])["used_bytes"] <= 200000
+    # Purging what was stored gives every byte back (a refused put stored nothing).
+    keys = [("meta", f"k{i}") for i in range(10)] + [("names", p["key"]) for _, p in long_keys]
+    purges = [("storage.delete", {"collection": c, "key": k, "purge": True}) for c, k in keys]
+    for reply in as_user(user, store_daemon, *purges):
+        assert "result" in reply or reply["error"]["code"] == NOT_FOUND, reply
+    assert ok(as_user(user, store_daemon, ("storage.usage", {}))[0]) == before

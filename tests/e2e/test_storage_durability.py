@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from aiosd.errors import AiosError
 from aiosd.sdk import Client
 from tests.support import Daemon, write_config
 
@@ -111,7 +113,10 @@ def test_a_damaged_database_is_moved_aside_never_silently_reset() -> None:
     try:
         again.wait_ready()
         with Client(again.socket_path) as c:
-            assert c.call("storage.usage", {})["used_entries"] == 0  # a fresh, empty store
+            # The call that finds the damage says so; the next one has a fresh, empty store.
+            with pytest.raises(AiosError, match="was found damaged .* moved aside to 0.sqlite"):
+                c.call("storage.usage", {})
+            assert c.call("storage.usage", {})["used_entries"] == 0
         log = again.log()
         assert "failed its integrity check" in log and "moved" in log
         aside = list(db.parent.glob("0.sqlite.corrupt-*"))
@@ -131,11 +136,12 @@ def test_pinned_memory_survives_a_restart_and_purge_frees_bytes() -> None:
     )
     client.call("memory.add", {"content": "a passing thought", "space": "prefs"})
     session = client.call("memory.add", {"content": "pinned in my session", "pinned": True})
+    used = client.call("storage.usage", {})["used_bytes"]
     client.call("storage.put", {"collection": "c", "key": "k", "value": "x" * 5000})
     client.call("storage.put", {"collection": "c", "key": "k", "value": "y" * 5000})
-    used = client.call("storage.usage", {})["used_bytes"]
+    assert client.call("storage.usage", {})["used_bytes"] > used + 10000
     purged = client.call("storage.delete", {"collection": "c", "key": "k", "purge": True})
-    assert purged["deleted"] and client.call("storage.usage", {})["used_bytes"] == used - 10000
+    assert purged["deleted"] and client.call("storage.usage", {})["used_bytes"] == used
     d.proc.send_signal(signal.SIGTERM)  # with the connection still open
     assert d.proc.wait(30) == 0
     d.stop()
@@ -149,5 +155,41 @@ def test_pinned_memory_survives_a_restart_and_purge_frees_bytes() -> None:
             assert hits == []  # unpinned short-term memory ended with the daemon
             mine = c.call("memory.get", {"id": session["id"], "space": session["space"]})
             assert mine["content"] == "pinned in my session"
+    finally:
+        assert again.stop() == 0
+
+
+def test_the_daemons_state_is_private_and_a_truncated_store_is_reported() -> None:
+    """Outside systemd (whose UMask= would hide it): files 0600, directories 0700; a store
+    truncated to nothing is moved aside and reported, and keeps its administrator's quota."""
+    directory = Path(tempfile.mkdtemp(prefix="aiosd-private-"))
+    config = write_config(directory, slots=1)
+    state = directory / "state"
+    storage = state / "storage"
+    d = Daemon(directory, config)
+    try:
+        d.wait_ready()
+        with Client(d.socket_path) as c:
+            c.call("storage.put", {"collection": "c", "key": "k", "value": "v"})
+            c.call("storage.set_quota", {"user": 0, "quota_bytes": 123456})
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in storage.iterdir()}
+        assert modes == dict.fromkeys(
+            ["0.sqlite", "0.sqlite-wal", "0.sqlite-shm", "ledger.sqlite"], 0o600
+        )
+        assert stat.S_IMODE(storage.stat().st_mode) == 0o700
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    finally:
+        assert d.stop() == 0
+    (storage / "0.sqlite").write_bytes(b"")
+
+    again = Daemon(directory, config)
+    try:
+        again.wait_ready()
+        with Client(again.socket_path) as c:
+            with pytest.raises(AiosError, match="empty .* moved aside to 0.sqlite.corrupt-"):
+                c.call("storage.usage", {})
+            use = c.call("storage.usage", {})
+            assert (use["used_entries"], use["quota_bytes"]) == (0, 123456)
+        assert "empty" in again.log() and list(storage.glob("0.sqlite.corrupt-*"))
     finally:
         assert again.stop() == 0

@@ -144,6 +144,13 @@ def test_a_damaged_file_is_quarantined_once_under_concurrent_first_calls(
         try:
             uses = await asyncio.gather(*(m.run(UID, lambda s: s.usage()) for _ in range(20)))
             assert [u["used_entries"] for u in uses] == [0] * 20
+            # The user's own calls are told, once.
+            told = await asyncio.gather(
+                *(m.run(UID, lambda s: s.usage(), tell=True) for _ in range(3)),
+                return_exceptions=True,
+            )
+            errors = [e for e in told if isinstance(e, AiosError)]
+            assert len(errors) == 1 and "moved aside to" in errors[0].message
         finally:
             await m.close()
 
@@ -452,7 +459,7 @@ def test_a_locked_file_is_left_in_place_and_opens_once_the_lock_is_gone(
     run(main)
 
 
-def test_a_file_damaged_while_the_daemon_runs_is_not_moved_aside_at_a_reopen(
+def test_a_file_damaged_while_the_daemon_runs_is_moved_aside_at_a_reopen(
     tmp_path: Path,
 ) -> None:
     directory = tmp_path / "storage"
@@ -463,15 +470,16 @@ def test_a_file_damaged_while_the_daemon_runs_is_not_moved_aside_at_a_reopen(
             await m.run(1, put("k"))
             await m.run(2, put("k"))  # 1 is closed to make room
             (directory / "1.sqlite").write_bytes(b"not a database, " * 4096)
-            with pytest.raises(AiosError, match="uid 1 could not be opened: file is not a data"):
-                await m.run(1, lambda s: s.usage())
+            with pytest.raises(AiosError, match="uid 1 was found damaged \\(file is not a data"):
+                await m.run(1, lambda s: s.usage(), tell=True)
+            # Without a restart: the next call has a new, empty store.
+            assert (await m.run(1, lambda s: s.usage(), tell=True))["used_entries"] == 0
         finally:
             await m.close()
 
     run(main)
-    # Only the first open of a run checks: the file waits there for the next start.
-    assert aside(directory) == []
-    assert (directory / "1.sqlite").read_bytes() == b"not a database, " * 4096
+    (moved,) = [name for name in aside(directory) if not name.endswith(("-wal", "-shm"))]
+    assert (directory / moved).read_bytes() == b"not a database, " * 4096
 
 
 def test_a_failing_pragma_closes_the_connection_it_was_run_on(

@@ -109,8 +109,13 @@ def test_todays_file_at_version_0_opens_as_current_with_its_data(tmp_path: Path)
                 {"collection": "notes", "gid": 4242, "mode": "read"}
             ]
             usage = await m.run(UID, lambda s: s.usage())
+            # Every byte counts (schema version 2): each version's value, metadata, twice
+            # its names and 64; each current version twice its text and metadata, twice its
+            # names and 32; the share its collection and 32.
+            versions = (11 + 19 + 12) + (8 + 2 + 12) + (12 + 2 + 12) + (3 + 2 + 18) + (2 + 18)
+            current = 2 * (11 + 19) + 12 + 32 + 2 * (12 + 2) + 12 + 32
             assert (usage["used_bytes"], usage["used_entries"], usage["quota_entries"]) == (
-                11 + 8 + 12 + 3,
+                versions + 5 * 64 + current + len("notes") + 32,
                 2,
                 50,
             )
@@ -120,7 +125,7 @@ def test_todays_file_at_version_0_opens_as_current_with_its_data(tmp_path: Path)
             await m.close()
 
     asyncio.run(main())
-    assert user_version(path) == len(MIGRATIONS) == 1
+    assert user_version(path) == len(MIGRATIONS) == 2
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
@@ -170,9 +175,10 @@ def test_each_migration_runs_in_one_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "0.sqlite"
+    current = len(MIGRATIONS)
 
     def open_with(*later: str) -> UserStore:
-        monkeypatch.setattr(storage, "MIGRATIONS", (SCHEMA, *later))
+        monkeypatch.setattr(storage, "MIGRATIONS", (*MIGRATIONS, *later))
         store = UserStore(path, 0, "normal", Limits(1 << 30, 1 << 20, 4))
         store.open()
         return store
@@ -183,7 +189,7 @@ def test_each_migration_runs_in_one_transaction(
     failing = "CREATE TABLE extra(x); INSERT INTO extra VALUES (1); SELECT no_such_function();"
     with pytest.raises(AiosError, match="could not be opened: no such function: no_such_function"):
         open_with(failing)
-    assert user_version(path) == 1
+    assert user_version(path) == current
     assert "extra" not in tables(path)  # nothing of the failed step is left
 
     store = open_with("CREATE TABLE extra(x); INSERT INTO extra VALUES (1);")
@@ -191,7 +197,28 @@ def test_each_migration_runs_in_one_transaction(
     assert store.db.execute("SELECT x FROM extra").fetchall() == [(1,)]
     assert store.get("c", "k", None)["value"] == b"kept"
     store.close()
-    assert user_version(path) == 2
+    assert user_version(path) == current + 1
+
+
+def test_a_failed_migration_to_version_2_leaves_version_1_as_it_was(tmp_path: Path) -> None:
+    """The step that recounts the bytes is one transaction: a failure leaves version 1."""
+    path = tmp_path / "storage" / f"{UID}.sqlite"
+    write_todays_file(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA user_version = 1")
+    # A column of that name makes the step fail half-way (after its first statement).
+    db.execute("ALTER TABLE versions ADD COLUMN current_cost INTEGER")
+    db.close()
+    with pytest.raises(AiosError, match="duplicate column name: current_cost"):
+        UserStore(path, UID, "normal", Limits(1 << 30, 1 << 20, 4)).open()
+    assert user_version(path) == 1
+    db = sqlite3.connect(path)
+    try:
+        columns = [r[1] for r in db.execute("PRAGMA table_xinfo(versions)")]
+        assert "cost" not in columns
+        assert db.execute("SELECT bytes FROM usage").fetchone()[0] == 11 + 8 + 12 + 3
+    finally:
+        db.close()
 
 
 def write_unparseable(path: Path, version: int) -> None:
@@ -254,7 +281,9 @@ def test_a_current_file_with_a_damaged_schema_is_moved_aside(tmp_path: Path) -> 
     async def main() -> None:
         m = manager(tmp_path)
         try:
-            assert (await m.run(UID, lambda s: s.usage()))["used_entries"] == 0
+            with pytest.raises(AiosError, match="was found damaged"):
+                await m.run(UID, lambda s: s.usage(), tell=True)
+            assert (await m.run(UID, lambda s: s.usage(), tell=True))["used_entries"] == 0
         finally:
             await m.close()
 
