@@ -91,6 +91,7 @@ class SchedulerConfig(_Section):
 
     policy: Literal["priority"] = "priority"
     queue_size: Annotated[int, Field(ge=1, le=100000)] = 64
+    max_queued_per_user: Annotated[int, Field(ge=1, le=100000)] = 16
 
 
 class StorageConfig(_Section):

@@ -51,7 +51,11 @@ class Kernel:
         (tests declare syscalls of their own that way)."""
         self.config = config
         self.access = AccessManager(config.access)
-        self.scheduler = Scheduler(config.scheduler.queue_size, on_change=self.changed)
+        self.scheduler = Scheduler(
+            config.scheduler.queue_size,
+            on_change=self.changed,
+            max_queued_per_user=config.scheduler.max_queued_per_user,
+        )
         #: Called (on the event loop) whenever the state, the queue or the connections change.
         self.listeners: list[Callable[[], None]] = []
         self.models = Models(
@@ -153,7 +157,9 @@ class Kernel:
             needs_restart.append("daemon")
         self.access.configure(config.access, *await self._access_gids(config))
         self.memory.configure(config.memory)
-        self.scheduler.set_queue_size(config.scheduler.queue_size)
+        self.scheduler.set_queue_size(
+            config.scheduler.queue_size, config.scheduler.max_queued_per_user
+        )
         self.config = config
         return needs_restart
 

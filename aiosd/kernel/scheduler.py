@@ -2,9 +2,15 @@
 
 Requests wait in priority-then-arrival order (interactive before normal before batch, FIFO
 within a class).  Each model has ``slots`` parallel generations; a request holds one slot
-from the moment it starts until its generation has fully stopped.  A full queue turns away
-the newest request of the lowest class present (which may be the newcomer) with
-:class:`~aiosd.errors.Busy`.
+from the moment it starts until its generation has fully stopped.
+
+Queue places are shared fairly: one user holds at most ``max_queued_per_user`` of a model's
+waiting places, and a full queue makes room only at the expense of a user who holds more
+places than the newcomer's user (their newest request of their lowest class goes, with
+:class:`~aiosd.errors.Busy`), or of the newcomer's own lower-class request; otherwise the
+newcomer is turned away.  So no one can push out the requests of a user holding fewer
+places than them, and a user with none (an administrator, say) always finds room while
+anyone holds two or more.
 """
 
 from __future__ import annotations
@@ -90,6 +96,11 @@ class QueueView(TypedDict):
     waiting: list[WaitingView]
 
 
+def _gone(ticket: Ticket) -> bool:
+    """A waiter cancelled a moment ago stays listed until its task runs."""
+    return ticket.future is not None and ticket.future.done()
+
+
 @dataclass
 class _ModelQueue:
     slots: int
@@ -102,8 +113,14 @@ class _ModelQueue:
 class Scheduler:
     """Queues and slots for every configured model."""
 
-    def __init__(self, queue_size: int, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        queue_size: int,
+        on_change: Callable[[], None] | None = None,
+        max_queued_per_user: int | None = None,
+    ) -> None:
         self.queue_size = queue_size
+        self.max_queued_per_user = max_queued_per_user or queue_size
         self._on_change = on_change
         self._queues: dict[str, _ModelQueue] = {}
         self._ids = itertools.count(1)
@@ -140,8 +157,16 @@ class Scheduler:
             self._start(q, ticket, q.free.pop(0))
             self._changed()
             return ticket
+        mine = sum(1 for t in q.waiting if t.uid == uid and not _gone(t))
+        if mine >= self.max_queued_per_user and not self._replace_own(q, ticket):
+            raise Busy(
+                f"uid {uid} already has {mine} requests waiting for model {model!r} "
+                f"(limit {self.max_queued_per_user}, scheduler.max_queued_per_user); "
+                "try again later",
+                data={"queue_length": mine, "limit": self.max_queued_per_user, "scope": "user"},
+            )
         if len(q.waiting) >= self.queue_size:
-            self._make_room(q, ticket)
+            self._make_room(q, ticket, mine)
         ticket.future = asyncio.get_running_loop().create_future()
         bisect.insort(q.waiting, ticket, key=lambda t: t.sort_key)
         self._changed()
@@ -158,24 +183,48 @@ class Scheduler:
             raise
         return ticket
 
-    def _make_room(self, q: _ModelQueue, newcomer: Ticket) -> None:
-        """Reject the newest waiting request of the lowest class, or the newcomer."""
-        # The list is sorted, so the newest of the lowest class is the last one still waiting
-        # (a waiter cancelled a moment ago stays in the list until its task runs).
-        victim = next(
-            (t for t in reversed(q.waiting) if t.future is not None and not t.future.done()),
-            newcomer,
-        )
+    def _make_room(self, q: _ModelQueue, newcomer: Ticket, mine: int) -> None:
+        """Turn away a waiting request of a user holding more places than the newcomer's
+        user (``mine`` places), or the newcomer's own lower-class one, or the newcomer."""
+        live = [t for t in q.waiting if not _gone(t)]
+        held: dict[int, int] = {}
+        for t in live:
+            held[t.uid] = held.get(t.uid, 0) + 1
+        heavy = [u for u, n in held.items() if u != newcomer.uid and n > mine + 1]
+        victim: Ticket | None = None
+        if heavy:
+            most = max(held[u] for u in heavy)
+            # The sorted list ends with the newest request of the lowest class.
+            victim = next(t for t in reversed(live) if held[t.uid] == most and t.uid in heavy)
+        elif self._replace_own(q, newcomer):
+            return
         busy = Busy(
             f"the queue of model {newcomer.model!r} is full "
             f"({len(q.waiting)} waiting, limit {self.queue_size}); try again later",
-            data={"queue_length": len(q.waiting), "limit": self.queue_size},
+            data={"queue_length": len(q.waiting), "limit": self.queue_size, "scope": "model"},
         )
-        if victim is newcomer or newcomer.priority.rank >= victim.priority.rank:
+        if victim is None:
             raise busy
         q.waiting.remove(victim)
         assert victim.future is not None
         victim.future.set_exception(busy)
+
+    def _replace_own(self, q: _ModelQueue, newcomer: Ticket) -> bool:
+        """Turn away the newcomer's user's own newest waiting request of a class below the
+        newcomer's, if there is one, to make room for it."""
+        own = next((t for t in reversed(q.waiting) if t.uid == newcomer.uid and not _gone(t)), None)
+        if own is None or newcomer.priority.rank >= own.priority.rank:
+            return False
+        q.waiting.remove(own)
+        assert own.future is not None
+        own.future.set_exception(
+            Busy(
+                f"request {own.id} was replaced by a request of a better class of the same "
+                f"user (queue of model {newcomer.model!r} full); try again later",
+                data={"queue_length": len(q.waiting), "limit": self.queue_size, "scope": "own"},
+            )
+        )
+        return True
 
     def _start(self, q: _ModelQueue, ticket: Ticket, slot: int) -> None:
         ticket.slot = slot
@@ -208,9 +257,10 @@ class Scheduler:
                         ShuttingDown("the daemon is stopping; the request was not started")
                     )
 
-    def set_queue_size(self, size: int) -> None:
-        """Change the queue limit (on reload); already waiting requests stay."""
+    def set_queue_size(self, size: int, per_user: int | None = None) -> None:
+        """Change the queue limits (on reload); already waiting requests stay."""
         self.queue_size = size
+        self.max_queued_per_user = per_user or size
 
     def totals(self) -> tuple[int, int]:
         """(running, waiting) over all models."""

@@ -150,7 +150,7 @@ def test_sighup_reloads_configuration(tmp_path: Path) -> None:
                 f"all four requests wait: queue_size = 3 did not take effect {queue_of(client)}"
             ) from None
         assert busy["error"]["code"] == -32002, busy  # Busy
-        assert busy["error"]["data"] == {"queue_length": 3, "limit": 3}
+        assert busy["error"]["data"] == {"queue_length": 3, "limit": 3, "scope": "model"}
         queue = queue_of(client)
         assert len(queue["running"]) == 2 and len(queue["waiting"]) == 3, queue
         for c in clients[1:]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,6 +133,21 @@ class ChatService:
         self.models = models
         self.scheduler = scheduler
         self.context = context
+        #: One prompt preparation (tokenizing) in flight per user: the tokenizer's thread
+        #: then holds at most one job of each user, so users take turns at it.
+        self._preparing: dict[int, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _turn_to_prepare(self, uid: int) -> AsyncIterator[None]:
+        lock, users = self._preparing.setdefault(uid, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._preparing[uid]
 
     async def chat(self, p: ChatParams, caller: Caller, emit: Emit | None) -> ChatResult:
         """Queue a generation on the scheduler, run it on a slot, stream or collect it."""
@@ -155,17 +172,19 @@ class ChatService:
             # Room for the answer: the requested length, at most a quarter of the context.
             ctx = backend.info().context_length or 0
             reserve = min(p.max_tokens or ctx, ctx // 4)
-            fitted = await self.context.fit(
-                caller.uid,
-                p.session,
-                messages,
-                lambda msgs: backend.prepare(request(msgs, reserve)),
-            )
+            async with self._turn_to_prepare(caller.uid):
+                fitted = await self.context.fit(
+                    caller.uid,
+                    p.session,
+                    messages,
+                    lambda msgs: backend.prepare(request(msgs, reserve)),
+                )
             prepared = fitted.prepared
             notes = fitted.notes
             session = SessionInfo(name=p.session, replayed=fitted.replayed, moved=fitted.moved)
         else:
-            prepared = await backend.prepare(request(messages))
+            async with self._turn_to_prepare(caller.uid):
+                prepared = await backend.prepare(request(messages))
         t0 = time.monotonic()
         parts: list[str] = []
         tool_calls: list[dict[str, Any]] = []

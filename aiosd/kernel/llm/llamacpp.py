@@ -113,6 +113,18 @@ class LlamaCppBackend(Backend):
         template = self._vocab.metadata.get("tokenizer.chat_template")
         if not template:
             raise BackendUnavailable(f"model {path.name} has no chat template")
+        # The longest token, in bytes: a prompt of B bytes is at least B / this many tokens,
+        # so one that cannot fit is refused without being tokenized (prepare).
+        self._max_token_bytes = (
+            max(
+                (
+                    len(self._vocab.detokenize([t], special=True))
+                    for t in range(self._vocab.n_vocab())
+                ),
+                default=1,
+            )
+            or 1
+        )
         eos = self._vocab.token_eos()
         bos = self._vocab.token_bos()
         self._formatter = Jinja2ChatFormatter(
@@ -169,8 +181,29 @@ class LlamaCppBackend(Backend):
             raise NotSupported(
                 f"model {self.name!r} (llamacpp) does not take tools yet; use an ollama model"
             )
+        self._refuse_surely_too_long(request)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._prepare, request)
+
+    def _refuse_surely_too_long(self, request: ChatRequest) -> None:
+        """Refuse, without tokenizing, a prompt too long whatever its tokens: its text alone
+        is more bytes than the context's tokens could hold even at the longest token."""
+        size = sum(len((m.get("content") or "").encode("utf-8")) for m in request.messages)
+        at_least = -(-size // self._max_token_bytes)
+        n_ctx = self.cfg.n_ctx
+        if at_least + request.reserve >= n_ctx:
+            room = f" with {request.reserve} left for the answer" if request.reserve else ""
+            raise ContextTooLong(
+                f"the prompt is at least {at_least} tokens ({size} bytes, at most "
+                f"{self._max_token_bytes} bytes a token) but model {self.name!r} has a context "
+                f"of {n_ctx} tokens{room}",
+                data={
+                    "prompt_tokens": at_least,
+                    "at_least": True,
+                    "context_length": n_ctx,
+                    "reserve": request.reserve,
+                },
+            )
 
     def _prepare(self, request: ChatRequest) -> Prepared:
         grammar = None
