@@ -113,6 +113,10 @@ class MemoryConfig(_Section):
     max_entries_per_space: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
     max_bytes_per_space: Annotated[int, Field(ge=1024, le=1 << 40)] = 8 * 1024 * 1024
     max_entry_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 256 * 1024
+    max_spaces_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    max_bytes_per_user: Annotated[int, Field(ge=1024, le=1 << 40)] = 16 * 1024 * 1024
+    max_pinned_bytes_per_user: Annotated[int, Field(ge=0, le=1 << 40)] = 2 * 1024 * 1024
+    pinned_budget_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = 16 * 1024 * 1024
 
 
 class ShutdownConfig(_Section):

@@ -94,7 +94,7 @@ class Kernel:
                 StorageSyscalls: StorageSyscalls(
                     self.storage, self.users, lambda: self.config.storage.max_value_bytes
                 ),
-                MemorySyscalls: MemorySyscalls(self.memory),
+                MemorySyscalls: MemorySyscalls(self.memory, self.access),
                 **(families or {}),
             },
         )

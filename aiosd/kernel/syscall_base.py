@@ -50,7 +50,7 @@ class BusBinary:
 #: a ``Storage.Get`` reply carries metadata of 20 levels of objects back, and 21 make the bus
 #: drop the daemon's connection for everyone (each level of an object costs an array, a dict
 #: entry and a variant of the 64 containers a D-Bus message may nest;
-#: tests/api/test_wire_rules.py measures it again).
+#: tests/api/test_input_rules.py measures it again).
 MAX_NESTING = 21
 #: Longest member name of an object anywhere in params, in characters.
 MAX_KEY_CHARS = 256

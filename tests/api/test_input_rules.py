@@ -264,9 +264,14 @@ def test_the_deepest_metadata_let_in_travels_back_over_dbus_and_one_more_level_c
     deepest = nested(levels, INT64_MAX)
     entry = {"collection": "deep", "key": "k"}
     assert "result" in sock.call("storage.put", {**entry, "value": "v", "metadata": deepest})
+    # The costliest innermost level: a null in an array travels as an empty byte array.
+    with_null = nested(levels - 1, [None, "x"])
+    other = {"collection": "deep", "key": "null"}
+    assert "result" in sock.call("storage.put", {**other, "value": "v", "metadata": with_null})
     # Read back over D-Bus (the SDK, and a raw call), unchanged; the bus kept the daemon.
     with BusClient(private_bus.address) as client:
         assert client.call("storage.get", entry)["metadata"] == deepest
+        assert client.call("storage.get", other)["metadata"] == with_null
         assert client.call("system.status")["state"] == "running"
     reply = bus(private_bus.address, f"{STORAGE}.Get", "(ssa{sv})", ("deep", "k", {}))
     assert not isinstance(reply, GLib.Error), reply

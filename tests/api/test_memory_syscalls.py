@@ -1,5 +1,5 @@
 """The memory.* syscalls through the kernel (no front-end): one user's ids are simply not
-found by another, and bad input names the field."""
+found by another, bad input names the field, and a write beyond a bound names the bound."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from aiosd.config import Config
-from aiosd.errors import InvalidParams, NotFound
+from aiosd.errors import InvalidParams, NotFound, QuotaExceeded
+from aiosd.kernel.families.memory import AddParams, MemorySyscalls
 from aiosd.kernel.kernel import Kernel
 from aiosd.managers.access import Caller
 
@@ -154,3 +155,70 @@ def test_other_bad_input_names_the_field(tmp_path: Path) -> None:
     assert _fields(_invalid(k, "memory.search", {"query": "   "})) == {"query"}
     assert _fields(_invalid(k, "memory.get", {"id": 0})) == {"id"}
     assert _fields(_invalid(k, "memory.add", {"content": "x", "owner": 5002})) == {"owner"}
+
+
+def _refused(k: Kernel, name: str, params: dict[str, Any], caller: Caller) -> QuotaExceeded:
+    with pytest.raises(QuotaExceeded) as exc:
+        _call(k, name, params, caller)
+    return exc.value
+
+
+def test_a_users_spaces_are_bounded_and_the_refusal_names_the_bound(tmp_path: Path) -> None:
+    k = _kernel(tmp_path, max_spaces_per_user=2)
+    _call(k, "memory.add", {"content": "in my session"}, ALICE)  # the session is a space
+    _call(k, "memory.add", {"content": "x", "space": "a"}, ALICE)
+    err = _refused(k, "memory.add", {"content": "x", "space": "b"}, ALICE)
+    assert err.to_rpc() == {
+        "code": -32013,
+        "message": err.message,
+        "data": {"limit": "memory.max_spaces_per_user", "value": 2, "needed": 3},
+    }
+    assert "memory.max_spaces_per_user (2)" in err.message
+    # Bob's spaces are his own count.
+    for space in ("a", "b"):
+        assert _call(k, "memory.add", {"content": "y", "space": space}, BOB)["id"] == 1
+    # Emptying a space makes room for another.
+    _call(k, "memory.clear", {"space": "a"}, ALICE)
+    assert _call(k, "memory.add", {"content": "x", "space": "b"}, ALICE)["id"] == 1
+
+
+def test_pinned_bytes_are_bounded_and_a_refused_write_changes_nothing(tmp_path: Path) -> None:
+    k = _kernel(tmp_path, max_pinned_bytes_per_user=4096)
+    first = _call(k, "memory.add", {"content": "p" * 2000, "pinned": True}, ALICE)
+    err = _refused(k, "memory.add", {"content": "q" * 2000, "pinned": True}, ALICE)
+    assert err.data["limit"] == "memory.max_pinned_bytes_per_user" and err.data["value"] == 4096
+    err = _refused(k, "memory.update", {"id": 1, "content": "p" * 4000}, ALICE)
+    assert err.data["limit"] == "memory.max_pinned_bytes_per_user"
+    with pytest.raises(NotFound):
+        _call(k, "memory.get", {"id": 2}, ALICE)
+    assert _call(k, "memory.get", {"id": 1}, ALICE)["content"] == first["content"]
+    assert _call(k, "memory.add", {"content": "q" * 2000}, ALICE)["id"] == 2  # unpinned fits
+
+
+def test_administrators_may_pin_beyond_the_users_pinned_budget(tmp_path: Path) -> None:
+    # Users together may pin pinned_budget_bytes; an administrator (root here) may pin
+    # max_pinned_bytes_per_user beyond it, so users who filled it cannot lock them out.
+    k = _kernel(
+        tmp_path,
+        budget_bytes=64 * 1024,
+        pinned_budget_bytes=16 * 1024,
+        max_pinned_bytes_per_user=8 * 1024,
+    )
+    memory = MemorySyscalls(k.memory, k.access)
+    root = Caller(uid=0, gid=0, pid=13, session="socket-2")
+    carol = Caller(uid=5003, gid=5003, pid=14, session="socket-3")
+
+    def add(caller: Caller) -> Any:
+        params = AddParams(content="p" * 3000, pinned=True)
+        return asyncio.run(memory.add(params, caller, None))
+
+    for caller in (ALICE, BOB, ALICE, BOB):
+        add(caller)
+    with pytest.raises(QuotaExceeded) as exc:
+        add(carol)
+    assert exc.value.data["limit"] == "memory.pinned_budget_bytes"
+    assert exc.value.data["value"] == 16 * 1024
+    assert add(root).pinned and add(root).pinned
+    with pytest.raises(QuotaExceeded) as exc:
+        add(root)
+    assert exc.value.data["limit"] == "memory.max_pinned_bytes_per_user"

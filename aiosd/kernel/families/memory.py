@@ -1,4 +1,9 @@
-"""The ``memory.*`` syscalls: short-term memory, by default the caller's session's."""
+"""The ``memory.*`` syscalls: short-term memory, by default the caller's session's.
+
+Every bound of short-term memory is the memory manager's (docs/storage.md, "Memory"); a write
+beyond one is refused with QuotaExceeded naming the setting.  Administrators are told apart
+here, for the one bound that keeps them a reserve: the pinned budget.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, model_validator
 
 from aiosd.kernel.syscall_base import Emit, Params, Result, syscall
-from aiosd.managers.access import Caller, Permission
+from aiosd.managers.access import AccessManager, Caller, Permission, Role
 from aiosd.managers.memory import MemoryManager
 
 Space = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
@@ -125,10 +130,15 @@ def _space(space: str | None, c: Caller) -> str:
 
 
 class MemorySyscalls:
-    """Handlers of ``memory.*``: they need the memory manager only."""
+    """Handlers of ``memory.*``: the memory manager, and the access manager to tell
+    administrators apart (without it, nobody is one)."""
 
-    def __init__(self, memory: MemoryManager) -> None:
+    def __init__(self, memory: MemoryManager, access: AccessManager | None = None) -> None:
         self.memory = memory
+        self.access = access
+
+    def _admin(self, c: Caller) -> bool:
+        return self.access is not None and self.access.role(c) is Role.admin
 
     @syscall(
         "memory.add",
@@ -140,7 +150,9 @@ class MemorySyscalls:
     async def add(self, p: AddParams, c: Caller, emit: Emit | None) -> Result:
         """``memory.add``."""
         space = _space(p.space, c)
-        out = await self.memory.add(c.uid, space, p.content, list(p.tags or []), p.pinned)
+        out = await self.memory.add(
+            c.uid, space, p.content, list(p.tags or []), p.pinned, admin=self._admin(c)
+        )
         return EntryResult(space=space, **out)
 
     @syscall(
@@ -153,7 +165,8 @@ class MemorySyscalls:
     async def get(self, p: IdParams, c: Caller, emit: Emit | None) -> Result:
         """``memory.get``."""
         space = _space(p.space, c)
-        return EntryResult(space=space, **await self.memory.get(c.uid, space, p.id))
+        out = await self.memory.get(c.uid, space, p.id, admin=self._admin(c))
+        return EntryResult(space=space, **out)
 
     @syscall(
         "memory.search",
@@ -179,7 +192,9 @@ class MemorySyscalls:
         """``memory.update``."""
         space = _space(p.space, c)
         tags = list(p.tags) if p.tags is not None else None
-        out = await self.memory.update(c.uid, space, p.id, p.content, tags, p.pinned)
+        out = await self.memory.update(
+            c.uid, space, p.id, p.content, tags, p.pinned, admin=self._admin(c)
+        )
         return EntryResult(space=space, **out)
 
     @syscall(

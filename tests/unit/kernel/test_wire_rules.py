@@ -319,7 +319,7 @@ PUT = {"collection": "c", "key": "k", "value": "v"}
 
 @pytest.mark.parametrize("kind", ["object", "array"])
 def test_nesting_is_bounded_where_dbus_can_still_carry_the_reply(kind: str) -> None:
-    # Measured with dbus-daemon (tests/api/test_wire_rules.py): metadata of 20 levels of
+    # Measured with dbus-daemon (tests/api/test_input_rules.py): metadata of 20 levels of
     # objects comes back from Storage.Get, 21 make the bus drop the daemon's connection.
     assert MAX_NESTING - 1 == 20
     deepest = {"m": nested(MAX_NESTING - 2, kind=kind)}  # metadata, m, then the rest

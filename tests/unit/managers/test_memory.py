@@ -16,7 +16,14 @@ import pytest
 
 from aiosd.config import MemoryConfig
 from aiosd.errors import NotFound, QuotaExceeded
-from aiosd.managers.memory import CONTENDED_RETRIES, MemoryManager, _Call, _UserLock
+from aiosd.managers.memory import (
+    CONTENDED_RETRIES,
+    MemoryManager,
+    _Call,
+    _UserLock,
+    entry_cost,
+    space_cost,
+)
 from aiosd.managers.storage import Limits, StorageManager, UserStore
 
 UID = 1001
@@ -28,6 +35,14 @@ FOURTH = 1004
 GUARD = 30.0
 
 T = TypeVar("T")
+
+#: What a space named ``s`` costs in RAM besides its entries.
+S = space_cost("s")
+
+
+def cost(size: int, *tags: str) -> int:
+    """What an entry of ``size`` bytes of content (and these tags) costs in RAM."""
+    return entry_cost(size, [t.encode() for t in tags])
 
 
 def run(tmp_path: Path, fn: Callable[[MemoryManager], Awaitable[None]], **cfg: Any) -> None:
@@ -214,13 +229,13 @@ def test_entries_short_of_k_accesses_go_first_least_recent_first(tmp_path: Path)
 def test_byte_budget_of_a_space_evicts_as_many_as_needed(tmp_path: Path) -> None:
     async def fn(m: MemoryManager) -> None:
         for _ in range(4):
-            await m.add(UID, "s", "x" * 300, [], False)  # 1200 bytes > 1024 at the 4th
+            await m.add(UID, "s", "x" * 300, [], False)  # one too many at the 4th
         assert await ram_ids(m, UID, "s") == [2, 3, 4]
-        out = await m.add(UID, "s", "y" * 700, [], False)  # 1600: two must go
+        out = await m.add(UID, "s", "y" * 700, [], False)  # two must go
         assert out["evicted"] == [2, 3]
-        assert (await m.stats())["bytes"] == 1000
+        assert (await m.stats())["bytes"] == cost(300) + cost(700) + S
 
-    run(tmp_path, fn, max_bytes_per_space=1024)
+    run(tmp_path, fn, max_bytes_per_space=3 * cost(300))
 
 
 # --- eviction to storage and back -------------------------------------------------------------
@@ -334,7 +349,7 @@ def test_refused_when_only_pinned_entries_remain_and_nothing_changes(tmp_path: P
             await m.add(UID, "s", "c" * 200, [], False)
         assert exc.value.data["limit"] == "memory.max_bytes_per_space"
         with pytest.raises(QuotaExceeded, match="max_bytes_per_space"):
-            await m.update(UID, "s", 2, content="b" * 600, tags=["y"], pinned=False)
+            await m.update(UID, "s", 2, content="b" * 1200, tags=["y"], pinned=False)
         assert await m.entries(UID, "s") == entries and await m.stats() == stats
         assert await stored_keys(m, UID, "s") == set()
 
@@ -345,21 +360,22 @@ def test_refused_when_only_pinned_entries_remain_and_nothing_changes(tmp_path: P
         assert await m.entries(UID, "s") == entries and await m.stats() == stats
         assert await stored_keys(m, UID, "s") == set()
 
-    run(tmp_path, fn, max_entries_per_space=3, max_bytes_per_space=1024)
+    room = cost(500, "x") + cost(400) + cost(1) + 100  # a 200-byte entry is too many
+    run(tmp_path, fn, max_entries_per_space=3, max_bytes_per_space=room)
 
 
 def test_refusal_evicts_nothing_even_when_some_entries_are_unpinned(tmp_path: Path) -> None:
-    # An unpinned 300-byte entry cannot make room for a pinned 900-byte one next to a
-    # pinned 500-byte one: refused before anything moves to storage.
+    # An unpinned 300-byte entry cannot make room for a pinned 1500-byte one next to a
+    # pinned 500-byte one (only for a 200-byte one): refused before anything moves.
     async def fn(m: MemoryManager) -> None:
         await m.add(UID, "s", "a" * 500, [], True)
         await m.add(UID, "s", "b" * 300, [], False)
         with pytest.raises(QuotaExceeded):
-            await m.add(UID, "s", "c" * 900, [], True)
+            await m.add(UID, "s", "c" * 1500, [], True)
         assert await ram_ids(m, UID, "s") == [1, 2]
         assert await stored_keys(m, UID, "s") == set()
 
-    run(tmp_path, fn, max_bytes_per_space=1024)
+    run(tmp_path, fn, max_bytes_per_space=cost(500) + cost(300) + cost(200))
 
 
 # --- the daemon-wide budget -------------------------------------------------------------------
@@ -370,14 +386,15 @@ def test_daemon_budget_evicts_from_another_space(tmp_path: Path) -> None:
         await m.add(UID, "a", "a" * 400, [], False)  # t1
         await m.add(UID, "b", "b" * 400, [], False)  # t2
         await m.get(UID, "b", 1)  # t3: b1 has two accesses, a1 one
-        out = await m.add(UID, "b", "c" * 400, [], False)  # 1200 > 1024
+        out = await m.add(UID, "b", "c" * 400, [], False)  # one entry too many
         assert out["evicted"] == []  # nothing of space b went
         assert await ram_ids(m, UID, "a") == [] and await stored_keys(m, UID, "a") == {"1"}
         assert await ram_ids(m, UID, "b") == [1, 2]
-        assert (await m.stats())["bytes"] == 800
+        assert (await m.stats())["bytes"] == 2 * cost(400) + 2 * space_cost("a")
         assert [h["evicted"] for h in await m.search(UID, "a", "a" * 400, 5)] == [True]
 
-    run(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    budget = 2 * cost(400) + 2 * space_cost("a") + 100
+    run(tmp_path, fn, budget_bytes=budget, max_bytes_per_space=1 << 20)
 
 
 def test_daemon_budget_spares_pinned_entries_and_refuses_when_only_they_are_left(
@@ -389,13 +406,15 @@ def test_daemon_budget_spares_pinned_entries_and_refuses_when_only_they_are_left
         assert (await m.add(UID, "b", "y" * 300, [], False))["evicted"] == [1]
         assert await ram_ids(m, UID, "a") == [1] and await ram_ids(m, UID, "b") == [2]
         stats = await m.stats()
-        # 600 + 300 + 500: even with b's 300 evicted it is 1100 > 1024 -> refused, no eviction
+        # Even with b's 300 evicted, a's pinned 600 leave no room for 500 -> refused, no
+        # eviction, and the space c made for it is gone again.
         with pytest.raises(QuotaExceeded, match="budget_bytes"):
-            await m.add(UID, "c", "q" * 500, [], True)
+            await m.add(UID, "c", "q" * 500, [], False)
         assert await m.stats() == stats and await ram_ids(m, UID, "b") == [2]
         assert await stored_keys(m, UID, "b") == {"1"}
 
-    run(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    budget = cost(600) + cost(300) + 2 * space_cost("a") + 100
+    run(tmp_path, fn, budget_bytes=budget, max_bytes_per_space=1 << 20)
 
 
 def test_daemon_budget_evicts_another_users_entry_to_that_users_storage(tmp_path: Path) -> None:
@@ -409,7 +428,8 @@ def test_daemon_budget_evicts_another_users_entry_to_that_users_storage(tmp_path
         assert [h["id"] for h in await m.search(UID, "s", "mine", 5)] == [1]
         assert await m.search(OTHER, "s", "mine", 5) == []
 
-    run(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    budget = cost(400) + cost(700) + 2 * S - 1  # one byte short of both entries
+    run(tmp_path, fn, budget_bytes=budget, max_bytes_per_space=1 << 20)
 
 
 # --- sessions and users -----------------------------------------------------------------------
@@ -508,7 +528,7 @@ def test_a_user_who_keeps_calls_under_way_cannot_keep_its_entries_in_ram(
         first = asyncio.create_task(m.search(owner, "s", "o" * 800, 5))
         await asyncio.wait_for(st.inside.wait(), GUARD)  # it holds the owner's lock
 
-        write = asyncio.create_task(m.add(writer, "s", "w" * 400, [], False))  # 1200 > 1024
+        write = asyncio.create_task(m.add(writer, "s", "w" * 400, [], False))  # too many
         await waits_for_lock(m, owner, write)
         assert not write.done()
         later = asyncio.create_task(m.entries(owner, "s"))
@@ -520,15 +540,22 @@ def test_a_user_who_keeps_calls_under_way_cannot_keep_its_entries_in_ram(
         assert out["id"] == 1 and out["evicted"] == []
         assert await asyncio.wait_for(later, GUARD) == []  # its turn came after the write's
         assert [h["evicted"] for h in await asyncio.wait_for(first, GUARD)] == [False]
-        assert await stored_keys(m, owner, "s") == {"1"} and (await m.stats())["bytes"] == 400
+        bytes_left = cost(400) + 2 * S  # the owner's space stays, with no entry in RAM
+        assert (
+            await stored_keys(m, owner, "s") == {"1"} and (await m.stats())["bytes"] == bytes_left
+        )
         assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(
+        tmp_path, fn, budget_bytes=cost(800) + cost(400) + 2 * S - 1, max_bytes_per_space=1 << 20
+    )
 
 
 def test_two_writes_that_need_each_others_entries_both_get_room(tmp_path: Path) -> None:
     # Each write needs both old entries out, its own user's and the other's, while the other
     # write holds that user's lock: neither is refused and neither waits forever.
+    spaces = 2 * space_cost("old") + 2 * space_cost("new")
+
     async def fn(m: WatchedMemory, st: GatedStorage) -> None:
         for uid in (UID, OTHER):
             await st.run(uid, lambda s: None)  # a new space then asks the store for its ids
@@ -544,11 +571,11 @@ def test_two_writes_that_need_each_others_entries_both_get_room(tmp_path: Path) 
         st.opened.set()
         done = await asyncio.wait_for(asyncio.gather(mine, theirs), GUARD)
         assert [out["id"] for out in done] == [1, 1]
-        assert (await m.stats())["bytes"] == 775  # one of the new entries went too
+        assert (await m.stats())["bytes"] == cost(775) + spaces  # one of the new went too
         assert await stored_keys(m, UID, "old") == {"1"} == await stored_keys(m, OTHER, "old")
         assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(tmp_path, fn, budget_bytes=cost(775) + spaces + 100, max_bytes_per_space=1 << 20)
 
 
 def test_a_write_that_gives_up_waiting_for_another_users_lock_holds_no_lock(
@@ -567,12 +594,14 @@ def test_a_write_that_gives_up_waiting_for_another_users_lock_holds_no_lock(
             await write
 
         assert await asyncio.wait_for(m.entries(UID, "s"), GUARD) == []  # UID's lock is free
-        assert (await m.stats())["bytes"] == 800
+        assert (await m.stats())["bytes"] == cost(800) + S  # UID's space went with its entry
         st.opened.set()
         await asyncio.wait_for(busy, GUARD)
         assert await ram_ids(m, OTHER, "s") == [1] and m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(
+        tmp_path, fn, budget_bytes=cost(800) + cost(400) + 2 * S - 1, max_bytes_per_space=1 << 20
+    )
 
 
 def test_evicting_another_users_entry_holds_that_users_lock(tmp_path: Path) -> None:
@@ -591,7 +620,7 @@ def test_evicting_another_users_entry_holds_that_users_lock(tmp_path: Path) -> N
         assert await stored_keys(m, OTHER, "s") == {"1"}
         assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(tmp_path, fn, budget_bytes=cost(600) * 2 + 2 * S - 1, max_bytes_per_space=1 << 20)
 
 
 def test_each_owners_lock_is_held_only_while_its_own_victims_move(tmp_path: Path) -> None:
@@ -603,7 +632,7 @@ def test_each_owners_lock_is_held_only_while_its_own_victims_move(tmp_path: Path
         await m.add(OTHER, "s", "bee " * 50, [], False)  # t3
         await m.add(THIRD, "s", "c" * 200, [], False)  # t4
         st.gated.add(THIRD)
-        write = asyncio.create_task(m.add(UID, "s", "u" * 800, [], False))  # 1600: 3 must go
+        write = asyncio.create_task(m.add(UID, "s", "u" * 800, [], False))  # 3 must go
         await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
 
         assert await asyncio.wait_for(m.entries(OTHER, "s"), GUARD) == []
@@ -614,9 +643,15 @@ def test_each_owners_lock_is_held_only_while_its_own_victims_move(tmp_path: Path
         st.opened.set()
         assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
         assert await ram_ids(m, THIRD, "s") == [2] and await stored_keys(m, THIRD, "s") == {"1"}
-        assert (await m.stats())["bytes"] == 1000 and m._locks == {}
+        assert (await m.stats())["bytes"] == cost(800) + cost(200) + 3 * S
+        assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(
+        tmp_path,
+        fn,
+        budget_bytes=cost(800) + 2 * cost(200) + 3 * S - 1,  # two victims are not enough
+        max_bytes_per_space=1 << 20,
+    )
 
 
 def test_an_owner_whose_call_began_while_earlier_victims_moved_is_waited_for(
@@ -643,10 +678,11 @@ def test_an_owner_whose_call_began_while_earlier_victims_moved_is_waited_for(
         hits = await asyncio.wait_for(search, GUARD)
         assert [(h["id"], h["evicted"]) for h in hits] == [(1, False)]
         assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
-        assert await stored_keys(m, THIRD, "s") == {"1"} and (await m.stats())["bytes"] == 1000
+        assert await stored_keys(m, THIRD, "s") == {"1"}
+        assert (await m.stats())["bytes"] == cost(1000) + 3 * S
         assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(tmp_path, fn, budget_bytes=cost(1000) + 3 * S + 100, max_bytes_per_space=1 << 20)
 
 
 def test_a_victim_used_while_earlier_victims_moved_is_planned_again(tmp_path: Path) -> None:
@@ -657,30 +693,37 @@ def test_a_victim_used_while_earlier_victims_moved_is_planned_again(tmp_path: Pa
         await m.add(THIRD, "s", "c" * 300, [], False)  # t2
         await m.add(THIRD, "s", "d" * 300, [], False)  # t3
         st.gated.add(OTHER)
-        write = asyncio.create_task(m.add(UID, "s", "u" * 700, [], False))  # 1700: 676 must go
+        write = asyncio.create_task(m.add(UID, "s", "u" * 700, [], False))  # 2 must go
         await asyncio.wait_for(st.inside.wait(), GUARD)  # OTHER's entry is on its way out
         await asyncio.wait_for(m.get(THIRD, "s", 1), GUARD)
 
         st.opened.set()
         assert (await asyncio.wait_for(write, GUARD))["evicted"] == []
         assert await ram_ids(m, THIRD, "s") == [1] and await stored_keys(m, THIRD, "s") == {"2"}
-        assert (await m.stats())["bytes"] == 1000 and m._locks == {}
+        assert (await m.stats())["bytes"] == cost(700) + cost(300) + 3 * S
+        assert m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(
+        tmp_path, fn, budget_bytes=cost(700) + cost(300) + 3 * S + 100, max_bytes_per_space=1 << 20
+    )
 
 
 def test_a_second_write_waits_for_victims_on_their_way_out_instead_of_evicting_more(
     tmp_path: Path,
 ) -> None:
+    # THIRD holds the most, above its fair share, and FOURTH less: THIRD's entry is the
+    # victim of both writes, and evicting it is enough for both.
+    final = 5 * S + 2 * cost(10) + cost(300) + cost(200)  # every space, and what stays
+
     async def fn(m: WatchedMemory, st: GatedStorage) -> None:
-        await m.add(THIRD, "s", "v" * 300, [], False)  # t1: the first victim
-        await m.add(FOURTH, "s", "w" * 200, [], False)  # t2
-        await m.add(FOURTH, "t", "w" * 300, [], False)  # t3
+        await m.add(THIRD, "s", "v" * 3000, [], False)  # t1: the first victim
+        await m.add(FOURTH, "s", "w" * 10, [], False)  # t2
+        await m.add(FOURTH, "t", "w" * 10, [], False)  # t3
         st.gated.add(THIRD)
-        first = asyncio.create_task(m.add(UID, "s", "u" * 300, [], False))  # 1100 > 1024
+        first = asyncio.create_task(m.add(UID, "s", "u" * 300, [], False))  # over the budget
         await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
 
-        # 1300 bytes: THIRD's entry, still the best victim, must be out for this one too.
+        # THIRD's entry, still the best victim, must be out for this one too.
         second = asyncio.create_task(m.add(OTHER, "s", "x" * 200, [], False))
         await waits_for_lock(m, THIRD, second)
         assert not second.done()
@@ -689,34 +732,38 @@ def test_a_second_write_waits_for_victims_on_their_way_out_instead_of_evicting_m
         assert (await asyncio.wait_for(second, GUARD))["evicted"] == []
         await asyncio.wait_for(first, GUARD)
         assert await ram_ids(m, FOURTH, "s") == [1] and await ram_ids(m, FOURTH, "t") == [1]
-        assert await ram_ids(m, THIRD, "s") == [] and (await m.stats())["bytes"] == 1000
+        assert await ram_ids(m, THIRD, "s") == [] and (await m.stats())["bytes"] == final
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    budget = final + cost(3000) // 2
+    run_gated(tmp_path, fn, budget_bytes=budget, max_bytes_per_space=1 << 20)
 
 
 def test_budgets_hold_after_the_writes_even_if_a_victim_fails_to_move(tmp_path: Path) -> None:
     # The second write would fit if the first's victim left; it does not (THIRD's storage
     # refuses it once).  The first write, with nothing else to evict, is refused; the second
     # evicts for itself: RAM ends within the budget.
+    # Evicting THIRD's entry is enough for either write, evicting OTHER's is not.
+    budget = 4 * S + cost(400) + cost(100) + cost(300) + 100
+
     async def fn(m: WatchedMemory, st: GatedStorage) -> None:
-        await m.add(THIRD, "s", "v" * 600, [], False)  # the only entry that can go
+        await m.add(THIRD, "s", "v" * 1500, [], False)  # the only entry that can go
         await m.add(FOURTH, "s", "p" * 400, [], True)
         st.gated.add(THIRD)
-        first = asyncio.create_task(m.add(UID, "s", "u" * 100, [], False))  # 1100 > 1024
+        first = asyncio.create_task(m.add(UID, "s", "u" * 100, [], False))  # over the budget
         await asyncio.wait_for(st.inside.wait(), GUARD)  # THIRD's entry is on its way out
-        second = asyncio.create_task(m.add(OTHER, "s", "x" * 300, [], False))  # 1400
+        second = asyncio.create_task(m.add(OTHER, "s", "x" * 300, [], False))
         await waits_for_lock(m, THIRD, second)
 
         st.refuse = 1
         st.opened.set()
-        with pytest.raises(QuotaExceeded):
+        with pytest.raises(QuotaExceeded, match="could not be moved to their owners' storage"):
             await asyncio.wait_for(first, GUARD)
         assert (await asyncio.wait_for(second, GUARD))["id"] == 1
-        assert (await m.stats())["bytes"] <= 1024
+        assert (await m.stats())["bytes"] <= budget
         assert await ram_ids(m, OTHER, "s") == [1] and await ram_ids(m, UID, "s") == []
         assert await stored_keys(m, THIRD, "s") == {"1"} and m._locks == {}
 
-    run_gated(tmp_path, fn, budget_bytes=1024, max_bytes_per_space=1 << 20)
+    run_gated(tmp_path, fn, budget_bytes=budget, max_bytes_per_space=1 << 20)
 
 
 def test_a_call_that_gives_up_waiting_passes_its_turn_on(tmp_path: Path) -> None:
