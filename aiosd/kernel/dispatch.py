@@ -33,10 +33,6 @@ def invalid_params(exc: ValidationError) -> InvalidParams:
 
 
 def _field(error: Any) -> str:
-    # The params rules (syscall_base.uncarriable) name the field themselves.
-    ctx = error.get("ctx") or {}
-    if error["type"] == "uncarriable" and "field" in ctx:
-        return str(ctx["field"])
     return ".".join(str(p) for p in error["loc"]) or "(params)"
 
 
