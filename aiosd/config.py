@@ -69,6 +69,10 @@ class DBusConfig(_Section):
 
     enabled: bool = True
     bus: str = "system"
+    max_message_bytes: Annotated[int, Field(ge=64 * 1024, le=128 * 1024 * 1024)] = 32 * 1024 * 1024
+    max_calls: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    max_calls_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    admin_reserved_calls: Annotated[int, Field(ge=0, le=999_999)] = 64
 
     @field_validator("bus")
     @classmethod
@@ -76,6 +80,15 @@ class DBusConfig(_Section):
         if bus in ("system", "session") or (":" in bus and "=" in bus):
             return bus
         raise ValueError("must be 'system', 'session' or a D-Bus address such as unix:path=...")
+
+    @model_validator(mode="after")
+    def _calls_reserve_leaves_room(self) -> DBusConfig:
+        if self.admin_reserved_calls >= self.max_calls:
+            raise ValueError(
+                f"admin_reserved_calls ({self.admin_reserved_calls}) must be less than "
+                f"max_calls ({self.max_calls})"
+            )
+        return self
 
 
 class AccessConfig(_Section):

@@ -138,23 +138,22 @@ def test_live_introspection_equals_the_documented_xml(
             {"messages": [{"role": "user", "content": "Write a long story"}], "max_tokens": 64},
         )
         next(stream)
-        paths = re.findall(
-            r'<node name="(\d+)"/>',
-            gdbus(
-                private_bus,
-                "introspect",
-                "--dest",
-                DEST[0],
-                "--object-path",
-                names.REQUEST_PATH_PREFIX,
-                "--xml",
-            ).stdout,
-        )
-        assert paths
-        # Only the owner may look at it: introspect it through the owner's own connection.
+        # Only the owner may see it (to others it does not exist, not even as a child node of
+        # the introspection data): find and introspect it through the owner's own connection.
+        (path,) = client._bus.con.call_sync(
+            names.BUS_NAME,
+            DEST[1],
+            names.OBJECT_MANAGER,
+            "GetManagedObjects",
+            None,
+            None,
+            0,
+            -1,
+            None,
+        ).unpack()[0]
         xml = client._bus.con.call_sync(
             names.BUS_NAME,
-            f"{names.REQUEST_PATH_PREFIX}/{paths[-1]}",
+            path,
             "org.freedesktop.DBus.Introspectable",
             "Introspect",
             None,

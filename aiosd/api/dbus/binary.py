@@ -15,8 +15,9 @@ from gi.repository import GLib
 from aiosd.api.dbus.variants import Refused, bytes_variant, free_from_bus, text, variant_bytes
 
 
-def binary_variant(value: object) -> GLib.Variant:
-    """Bytes as ``ay``, text as ``s`` (never cut: text holding NUL is refused)."""
+def binary_variant(value: object, depth: int = 0) -> GLib.Variant:
+    """Bytes as ``ay``, text as ``s`` (never cut: text holding NUL is refused); neither nests
+    anything, so ``depth`` (where it sits) asks for nothing."""
     if isinstance(value, (bytes, bytearray)):
         return bytes_variant(bytes(value))
     if isinstance(value, str):

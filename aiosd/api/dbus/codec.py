@@ -22,6 +22,10 @@ null, and a member the model declares can only be missing because it is null.
 
 Encoding never converts: a value not of the declared type, or one GLib would change (text
 holding NUL, an integer beyond ``x``), is refused with a :class:`Refused` naming its member.
+Nor does it make a message the bus would refuse (and drop the daemon's connection for, with
+every client's calls on it): encoding counts how deep each value sits in its message, and a
+value nested deeper than D-Bus allows is refused the same way (:data:`variants.MAX_DEPTH`);
+:func:`result_body` also measures the whole message against ``dbus.max_message_bytes``.
 Going back (results in the SDK, parameters in the daemon), values are read from the variants
 with the same codecs.  That side is lenient: a value of another shape than declared is passed
 on as it is, for the models' validation to name; only what validation could not tell apart
@@ -37,12 +41,22 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from gi.repository import GLib
+from gi.repository import Gio, GLib
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from aiosd.api.dbus import binary
-from aiosd.api.dbus.variants import INT64, NotCarried, Refused, free_from_bus, free_variant, text
+from aiosd.api.dbus import binary, names
+from aiosd.api.dbus.variants import (
+    INT64,
+    Beyond,
+    NotCarried,
+    Refused,
+    deeper,
+    free_from_bus,
+    free_variant,
+    int_beyond,
+    text,
+)
 from aiosd.errors import AiosError, InvalidParams, NotSupported
 from aiosd.kernel.syscall_base import BusBinary
 
@@ -53,13 +67,17 @@ class Codec:
     def __init__(self, signature: str) -> None:
         self.signature = signature
 
-    def encode(self, value: object) -> object:
-        """A JSON value in the form GLib takes for this signature; Refused if not as declared."""
+    def encode(self, value: object, depth: int = 0) -> object:
+        """A JSON value in the form GLib takes for this signature; Refused if not as declared.
+
+        ``depth`` is how deep the value sits in its message (a method's arguments are at 0);
+        what would nest deeper than a message may is Beyond.
+        """
         raise NotImplementedError
 
-    def variant(self, value: object) -> GLib.Variant:
-        """The value as the variant of an ``a{sv}`` member."""
-        return GLib.Variant(self.signature, self.encode(value))
+    def variant(self, value: object, depth: int = 0) -> GLib.Variant:
+        """The value as the variant of an ``a{sv}`` member (the variant at ``depth``)."""
+        return GLib.Variant(self.signature, self.encode(value, deeper(depth, 1)))
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
         """A variant of this signature back to JSON (``fill_nulls``: see :meth:`Struct.decode`)."""
@@ -76,17 +94,21 @@ class Codec:
 class Scalar(Codec):
     """``b``, ``x``, ``d`` or ``s``."""
 
-    def encode(self, value: object) -> object:
+    def encode(self, value: object, depth: int = 0) -> object:
         """The value itself (a float for ``d``)."""
         sig = self.signature
         if isinstance(value, bool):
             if sig == "b":
                 return value
         elif isinstance(value, int):
-            if sig == "x" and INT64[0] <= value <= INT64[1]:
-                return value
-            if sig == "d" and abs(value) < 2**1024:
-                return float(value)
+            if sig == "x":
+                if INT64[0] <= value <= INT64[1]:
+                    return value
+                raise int_beyond(value, "int64 (x)")
+            if sig == "d":
+                if abs(value) < 2**1024:
+                    return float(value)
+                raise int_beyond(value, "a double (d)")
         elif isinstance(value, float):
             if sig == "d":
                 return value
@@ -99,19 +121,21 @@ class Held(Codec):
     """A ``v`` holding the type its value calls for: free-form, or binary."""
 
     def __init__(
-        self, to_bus: Callable[[object], GLib.Variant], from_bus: Callable[[GLib.Variant], object]
+        self,
+        to_bus: Callable[[object, int], GLib.Variant],
+        from_bus: Callable[[GLib.Variant], object],
     ) -> None:
         super().__init__("v")
         self._to_bus = to_bus
         self._from_bus = from_bus
 
-    def encode(self, value: object) -> GLib.Variant:
-        """The variant the value calls for."""
-        return self._to_bus(value)
+    def encode(self, value: object, depth: int = 0) -> GLib.Variant:
+        """The variant the value calls for (the variant at ``depth``, its content below)."""
+        return self._to_bus(value, deeper(depth, 1))
 
-    def variant(self, value: object) -> GLib.Variant:
+    def variant(self, value: object, depth: int = 0) -> GLib.Variant:
         """The same variant: an ``a{sv}`` member is a ``v`` already."""
-        return self._to_bus(value)
+        return self._to_bus(value, deeper(depth, 1))
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
         """The value the ``v`` holds."""
@@ -129,14 +153,15 @@ class Array(Codec):
         super().__init__("a" + item.signature)
         self.item = item
 
-    def encode(self, value: object) -> list[object]:
+    def encode(self, value: object, depth: int = 0) -> list[object]:
         """Each element encoded as the item type."""
         if not isinstance(value, (list, tuple)):
             raise Refused(f"{type(value).__name__} where {self.signature} is declared")
         out = []
+        inner = deeper(depth, 1) if value else depth
         for i, v in enumerate(value):
             try:
-                out.append(self.item.encode(v))
+                out.append(self.item.encode(v, inner))
             except Refused as exc:
                 raise exc.at(i) from None
         return out
@@ -159,9 +184,9 @@ class Maybe(Codec):
         super().__init__("a" + item.signature)
         self.item = item
 
-    def encode(self, value: object) -> list[object]:
+    def encode(self, value: object, depth: int = 0) -> list[object]:
         """``[]`` for None, else ``[value]``."""
-        return [] if value is None else [self.item.encode(value)]
+        return [] if value is None else [self.item.encode(value, deeper(depth, 1))]
 
     def decode(self, value: GLib.Variant, fill_nulls: bool) -> object:
         """None for ``[]``, else the one value."""
@@ -179,17 +204,19 @@ class Dict(Codec):
         super().__init__("a{s" + value.signature + "}")
         self.value = value
 
-    def encode(self, value: object) -> dict[str, object]:
+    def encode(self, value: object, depth: int = 0) -> dict[str, object]:
         """Each member's value encoded as the value type."""
         if not isinstance(value, Mapping):
             raise Refused(f"{type(value).__name__} where {self.signature} is declared")
         out: dict[str, object] = {}
+        inner = 0
         for k, v in value.items():
             if v is None:
                 continue
+            inner = inner or deeper(depth, 2)  # the entries, then their members
             key = str(k)
             try:
-                out[text(key)] = self.value.encode(v)
+                out[text(key)] = self.value.encode(v, inner)
             except Refused as exc:
                 raise exc.at(key) from None
         return out
@@ -227,7 +254,7 @@ class Struct(Codec):
         self.model = model
         self.fields: dict[str, Field] = {}
 
-    def encode(self, value: object) -> dict[str, GLib.Variant]:
+    def encode(self, value: object, depth: int = 0) -> dict[str, GLib.Variant]:
         """The ``a{sv}`` of a dumped model (base64 text of binary fields becomes bytes)."""
         model = self.model.__name__
         if not isinstance(value, Mapping):
@@ -237,6 +264,7 @@ class Struct(Codec):
                 raise Refused(f"{model} declares no field {k!r}", (str(k),))
         base64 = value.get("encoding") == "base64"
         out: dict[str, GLib.Variant] = {}
+        inner = 0
         for name, f in self.fields.items():
             v = value.get(name)
             if v is None:
@@ -245,10 +273,11 @@ class Struct(Codec):
                 raise Refused(
                     "missing" if name not in value else "null, which it may not be", (name,)
                 )
+            inner = inner or deeper(depth, 2)  # the entries, then their members
             try:
                 if f.binary and base64 and isinstance(v, str):
                     v = binary.from_base64(v)
-                out[name] = f.codec.variant(v)
+                out[name] = f.codec.variant(v, inner)
             except Refused as exc:
                 raise exc.at(name) from None
         return out
@@ -421,13 +450,54 @@ def result_vardict(model: type[BaseModel], result: Mapping[str, object]) -> dict
     # A value D-Bus cannot carry is the client's to read elsewhere (NotSupported); one not of
     # the declared type is the daemon's own fault (TypeError, logged by the caller).
     try:
-        return struct_codec(model).encode(result)
+        return struct_codec(model).encode(result)  # the reply's one argument: depth 0
+    except Beyond as exc:
+        raise NotSupported(f"result member {exc}; read it over the socket") from None
     except NotCarried as exc:
         raise NotSupported(
             f"result member {exc}; read it over the socket (or store such values as base64)"
         ) from None
     except Refused as exc:
         raise TypeError(f"{model.__name__}.{exc}") from None
+
+
+#: The D-Bus specification's largest message (dbus-daemon's default for the system bus is
+#: 32 MiB: ``max_message_size``).
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+#: A D-Bus message is never more than 16 times its body as a serialized GVariant (the worst,
+#: an empty array of 8-aligned elements, is at most 11 bytes there and 1 in a GVariant), plus
+#: room for the message's header.
+_WIRE_FACTOR, _HEADER_ROOM = 16, 64 * 1024
+#: What the real message's header may have more than the one measured (its destination,
+#: the serial it answers, a longer path or name).
+_EXACT_ROOM = 1024
+
+
+def result_body(
+    model: type[BaseModel], result: Mapping[str, object], max_bytes: int = MAX_MESSAGE_BYTES
+) -> GLib.Variant:
+    """The body of a reply or Finished signal carrying a result, as :func:`result_vardict`
+    checks it, and no larger than ``max_bytes`` on the bus (NotSupported if it is)."""
+    body = GLib.Variant("(a{sv})", (result_vardict(model, result),))
+    size = message_bytes(body, max_bytes)
+    if size > max_bytes:
+        raise NotSupported(
+            f"the result is {size} bytes on D-Bus, more than the {max_bytes} a message may "
+            "have here (dbus.max_message_bytes); read it over the socket"
+        )
+    return body
+
+
+def message_bytes(body: GLib.Variant, limit: int) -> int:
+    """The size of a message carrying ``body``: exact when it might exceed ``limit``, else
+    an upper bound that is under it (measuring exactly means serializing it once more)."""
+    bound = int(body.get_size()) * _WIRE_FACTOR + _HEADER_ROOM
+    if bound <= limit:
+        return bound
+    msg = Gio.DBusMessage.new_signal(names.OBJECT_PATH, names.REQUEST_INTERFACE, "Finished")
+    msg.set_body(body)
+    blob: bytes = msg.to_blob(Gio.DBusCapabilityFlags.NONE)
+    return len(blob) + _EXACT_ROOM
 
 
 def result_from_bus(model: type[BaseModel], result: GLib.Variant) -> dict[str, object]:
@@ -465,7 +535,7 @@ def field_codecs(model: type[BaseModel]) -> Mapping[str, Field]:
 
 def params_error(exc: Refused) -> AiosError:
     """The error a client gets for a parameter that cannot cross the bus as it is."""
-    if isinstance(exc, NotCarried):
+    if isinstance(exc, NotCarried) and not isinstance(exc, Beyond):
         return NotSupported(f"{exc}; send it over the socket (a binary value: as bytes)")
     field = exc.where or "(params)"
     return InvalidParams(

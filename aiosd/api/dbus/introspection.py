@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
-from aiosd.api.dbus import names
+from aiosd.api.dbus import names, properties
 from aiosd.api.dbus.codec import field_codecs, struct_codec
 from aiosd.kernel.syscall_base import Syscall
 from aiosd.kernel.syscalls import SYSCALLS
@@ -177,6 +177,42 @@ def request_xml() -> str:
         "</node>",
     ]
     return "\n".join(lines) + "\n"
+
+
+#: The interfaces every object has besides its own, as the D-Bus specification declares them.
+_STANDARD_XML = f"""  <interface name="{names.DBUS_INTROSPECTABLE}">
+    <method name="Introspect">
+      <arg name="xml_data" type="s" direction="out"/>
+    </method>
+  </interface>
+  <interface name="{names.DBUS_PEER}">
+    <method name="Ping"/>
+    <method name="GetMachineId">
+      <arg name="machine_uuid" type="s" direction="out"/>
+    </method>
+  </interface>
+"""
+_DOCTYPE = (
+    '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+    '                      "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">\n'
+)
+
+
+def _inner(xml: str) -> str:
+    return xml.removeprefix("<node>\n").removesuffix("</node>\n")
+
+
+def request_introspection() -> str:
+    """What ``Introspect`` gives the owner of a request object: its own interface and the
+    standard ones (nobody else can tell the object exists)."""
+    return (
+        _DOCTYPE
+        + "<node>\n"
+        + _STANDARD_XML
+        + _inner(properties.XML)
+        + _inner(request_xml())
+        + "</node>\n"
+    )
 
 
 if __name__ == "__main__":  # python -m aiosd.api.dbus.introspection: print the XML for docs

@@ -1,19 +1,21 @@
 """``org.freedesktop.DBus.Properties`` for aiosd's objects, answered with the standard errors.
 
-GDBus would answer a ``Set`` of a read-only property itself, with ``InvalidArgs``, before any
-handler sees it.  Each object therefore registers this interface as its own (GDBus then
-leaves it out of the standard interfaces it adds to the introspection data) and answers it
-here: ``PropertyReadOnly``, ``UnknownProperty`` and ``UnknownInterface`` where the D-Bus
+The front-end answers these calls itself (GDBus never sees them), here:
+``PropertyReadOnly``, ``UnknownProperty`` and ``UnknownInterface`` where the D-Bus
 specification names those errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from gi.repository import Gio, GLib
+from gi.repository import GLib
 
 from aiosd.api.dbus import names
+
+if TYPE_CHECKING:
+    from aiosd.api.dbus.calls import BusCall
 
 #: The interface as the D-Bus specification declares it.
 XML = f"""<node>
@@ -41,22 +43,24 @@ XML = f"""<node>
 </node>
 """
 
-INTERFACE = Gio.DBusNodeInfo.new_for_xml(XML).interfaces[0]
+#: Each method and the signature of its arguments.
+SIGNATURES = {"Get": "ss", "GetAll": "s", "Set": "ssv"}
 
 #: Interfaces every object has (GDBus's and this one); none of them has properties.
 STANDARD = (names.DBUS_PROPERTIES, names.DBUS_INTROSPECTABLE, names.DBUS_PEER)
 
 
 def answer(
-    invocation: Gio.DBusMethodInvocation,
+    invocation: BusCall,
     method: str,
     params: GLib.Variant,
     interfaces: Mapping[str, Mapping[str, GLib.Variant]],
 ) -> None:
     """Answer a Properties call on an object with ``interfaces`` (name → its properties).
 
-    Every property is read-only.  GDBus has checked the arguments against :data:`XML`.  An
-    empty interface name (the specification allows it) stands for all of them.
+    Every property is read-only.  The arguments have been checked against
+    :data:`SIGNATURES`.  An empty interface name (the specification allows it) stands for
+    all of them.
     """
     iface = str(params.get_child_value(0).get_string())
     if iface:

@@ -1,9 +1,11 @@
-"""Request objects: ``/org/aiosd/Daemon1/request/N``, one per started long operation.
+"""Request objects: ``/org/aiosd/Daemon1/request/ID``, one per started long operation.
 
 A request object lives while its syscall runs.  It emits ``Token`` for each streamed piece,
 then ``Finished`` (the result) or ``Failed`` (error name and message), and disappears.
 Everything it emits goes to the connection that started it, and nobody else may call it or
-read it: to other connections it does not exist.
+read it: to other connections it does not exist.  It is registered nowhere with GDBus (whose
+introspection would list it for everyone): the front-end hands it its owner's calls, and
+lets GDBus answer everybody else's as for a path where nothing is.
 """
 
 from __future__ import annotations
@@ -11,22 +13,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gi.repository import Gio, GLib
 
 from aiosd.api.dbus import names, properties
-from aiosd.api.dbus.codec import result_vardict
-from aiosd.api.dbus.introspection import request_xml
+from aiosd.api.dbus.codec import MAX_MESSAGE_BYTES, result_body
+from aiosd.api.dbus.introspection import request_introspection
+from aiosd.api.dbus.variants import message_text
 from aiosd.errors import AiosError, Cancelled, InternalError, NotSupported
 
 if TYPE_CHECKING:
+    from aiosd.api.dbus.calls import BusCall
     from aiosd.kernel.syscall_base import Syscall
 
 log = logging.getLogger(__name__)
 
-_INTERFACE = Gio.DBusNodeInfo.new_for_xml(request_xml()).interfaces[0]
+_INTROSPECTION = GLib.Variant("(s)", (request_introspection(),))
+#: What the owner may call, and the signature of each method's arguments.
+_METHODS = {
+    (names.REQUEST_INTERFACE, "Cancel"): "",
+    (names.DBUS_INTROSPECTABLE, "Introspect"): "",
+    **{(names.DBUS_PROPERTIES, m): sig for m, sig in properties.SIGNATURES.items()},
+}
 
 
 class RequestObject:
@@ -39,6 +49,7 @@ class RequestObject:
         path: str,
         owner: str,
         syscall: Syscall,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         #: Called once the object is gone from the bus, on the event loop's thread (where
         #: :meth:`run` ends).
@@ -51,10 +62,7 @@ class RequestObject:
         #: pending (accepted, nothing produced yet) → streaming → finished | failed | cancelled
         self.state = "pending"
         self.future: concurrent.futures.Future[None] | None = None
-        self._regs = [
-            con.register_object(path, iface, self._on_call, None, None)
-            for iface in (_INTERFACE, properties.INTERFACE)
-        ]
+        self._max_bytes = max_message_bytes
 
     def properties(self) -> dict[str, GLib.Variant]:
         """The request interface's properties."""
@@ -69,26 +77,26 @@ class RequestObject:
             GLib.Variant("(oa{sa{sv}})", (self.path, {names.REQUEST_INTERFACE: self.properties()})),
         )
 
-    async def run(self, work: Coroutine[Any, Any, dict[str, Any]]) -> None:
+    async def run(self, work: Awaitable[dict[str, Any]]) -> None:
         """Drive the syscall; report how it ended; remove the object."""
         try:
             # Encoded before the state changes: a result that cannot be sent must end as
             # Failed, never as State=finished with no Finished signal.
-            result = result_vardict(self._result_model, await work)
+            body = result_body(self._result_model, await work, self._max_bytes)
         except asyncio.CancelledError:
             self._set_state("cancelled")
             self._emit("Failed", "(ss)", (Cancelled.dbus_name, "the request was cancelled"))
             raise
         except AiosError as exc:
             self._set_state("failed")
-            self._emit("Failed", "(ss)", (exc.dbus_name, exc.message))
+            self._emit("Failed", "(ss)", (exc.dbus_name, message_text(exc.message)))
         except Exception:
             log.exception("request %s (%s) failed", self.path, self.syscall)
             self._set_state("failed")
             self._emit("Failed", "(ss)", (InternalError.dbus_name, "internal error"))
         else:
             self._set_state("finished")
-            self._emit("Finished", "(a{sv})", (result,))
+            self._signal(self.path, names.REQUEST_INTERFACE, "Finished", body)
         finally:
             self._remove()
 
@@ -130,8 +138,6 @@ class RequestObject:
         )
 
     def _remove(self) -> None:
-        for reg in self._regs:
-            self.con.unregister_object(reg)
         self._signal(
             names.OBJECT_PATH,
             names.OBJECT_MANAGER,
@@ -140,25 +146,22 @@ class RequestObject:
         )
         self._forget(self)
 
-    def _on_call(
-        self,
-        con: Gio.DBusConnection,
-        sender: str,
-        path: str,
-        iface: str,
-        method: str,
-        params: GLib.Variant,
-        invocation: Gio.DBusMethodInvocation,
-    ) -> None:
-        if sender != self.owner:
-            invocation.return_dbus_error(names.DBUS_UNKNOWN_OBJECT, f"no object at {path}")
-            return
-        if iface == names.REQUEST_INTERFACE and method == "Cancel":
-            self.cancel()
-            invocation.return_value(None)
-        elif iface == names.DBUS_PROPERTIES:
-            properties.answer(
-                invocation, method, params, {names.REQUEST_INTERFACE: self.properties()}
+    def handle(self, call: BusCall) -> None:
+        """Answer a call of the owner's (the front-end hands it no one else's)."""
+        signature = _METHODS.get((call.interface or "", call.member))
+        if signature is None:
+            call.return_dbus_error(
+                names.DBUS_UNKNOWN_METHOD,
+                f"no method {call.interface}.{call.member} on {self.path}",
             )
-        else:  # GDBus has checked the call against the interfaces: nothing else gets here
-            invocation.return_dbus_error(names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{method}")
+        elif not call.checked(signature):
+            return
+        elif call.interface == names.REQUEST_INTERFACE:
+            self.cancel()
+            call.return_value(None)
+        elif call.interface == names.DBUS_INTROSPECTABLE:
+            call.return_value(_INTROSPECTION)
+        else:
+            properties.answer(
+                call, call.member, call.params, {names.REQUEST_INTERFACE: self.properties()}
+            )

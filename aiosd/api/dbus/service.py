@@ -2,10 +2,20 @@
 
 Threads: GLib's main loop runs in its own thread and receives every bus call.  A call hops to
 the asyncio kernel with ``run_coroutine_threadsafe`` and its reply is sent from the future's
-completion callback (GDBus invocations and signal emission are thread-safe), so neither side
-ever waits for the other.  pydbus opens the connection and owns the name; objects are
-registered with GDBus directly because pydbus returns a method's reply when the Python method
-returns, and a reply here must wait for the kernel without blocking the GLib thread.
+completion callback (sending a message is thread-safe), so neither side ever waits for the
+other.  pydbus opens the connection and owns the name.
+
+Calls arrive through the connection's message filter, which takes every call to aiosd's
+objects before GDBus would dispatch it and hands it to the GLib thread (:mod:`.calls`).  GDBus
+answers only what holds nothing of anyone's: ``Introspect`` and ``Peer`` on the manager
+object (registered with GDBus, with no handler, for that alone), and every call to a path
+where nothing is that the caller may see, which is where another connection's request
+objects are: those are registered nowhere, so no one else can tell them from nothing.
+Nothing goes through GLib's closure-based registration, which keeps every call's invocation
+alive for good (:mod:`.calls`).
+
+What a client can make the daemon hold is bounded per user (:mod:`.limits`); callers with no
+role get the manager's introspection and nothing else.
 
 Identity comes from the bus (``GetConnectionCredentials``: uid, pid, groups) and becomes the
 same :class:`Caller` the socket builds from SO_PEERCRED.  Signals that carry a user's data
@@ -19,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import os
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
@@ -32,7 +42,8 @@ from gi.repository import Gio, GLib
 
 from aiosd import __version__
 from aiosd.api.dbus import names, properties
-from aiosd.api.dbus.codec import params_from_bus, result_vardict
+from aiosd.api.dbus.calls import BusCall
+from aiosd.api.dbus.codec import params_from_bus, result_body
 from aiosd.api.dbus.introspection import (
     PROPERTIES,
     TRANSPORT_FIELDS,
@@ -40,12 +51,13 @@ from aiosd.api.dbus.introspection import (
     bus_methods,
     manager_xml,
 )
+from aiosd.api.dbus.limits import CallLimits
 from aiosd.api.dbus.requests import RequestObject
 from aiosd.config import DBusConfig
 from aiosd.errors import AiosError, BackendUnavailable, InternalError, InvalidParams, ShuttingDown
 from aiosd.kernel.kernel import Kernel
 from aiosd.kernel.syscall_base import Emit
-from aiosd.managers.access import Caller
+from aiosd.managers.access import Caller, Role
 from aiosd.managers.users import process_ids
 
 log = logging.getLogger(__name__)
@@ -74,10 +86,13 @@ class DBusFrontend:
     def __init__(self, kernel: Kernel, cfg: DBusConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.kernel = kernel
         self.loop = loop
+        self.cfg = cfg
         self.address = bus_address(cfg.bus)
         self.connected = False
         self._bus: Any = None
         self._registrations: list[int] = []
+        self._filter: int | None = None
+        self.limits = CallLimits(cfg)
         self._methods = bus_methods(kernel.syscalls)
         self._node = Gio.DBusNodeInfo.new_for_xml(manager_xml(kernel.syscalls))
         #: The manager's interfaces, none with properties but the one that has them.
@@ -87,9 +102,10 @@ class DBusFrontend:
         self._stopping = False
         self._accepting = True
         self._callers: OrderedDict[str, Caller] = OrderedDict()
+        #: Calls waiting for their sender's credentials, by sender (one look-up each).
+        self._waiting: dict[str, list[tuple[BusCall, Callable[[Caller], None]]]] = {}
         self._inflight: dict[str, set[concurrent.futures.Future[Any]]] = {}
         self.requests: dict[str, RequestObject] = {}
-        self._ids = itertools.count(1)
         #: Replaced whole (never changed in place) by the asyncio thread; the GLib thread reads
         #: it once per call, so it always sees one consistent set.
         self._props: dict[str, object] = {}
@@ -163,9 +179,12 @@ class DBusFrontend:
         con = bus.con
         con.set_exit_on_close(False)
         try:
+            filter_id = con.add_filter(self._take)
+            # For GDBus's own introspection of the object (and of its parents) alone: every
+            # other call to it is taken by the filter first, so none needs a handler.
             regs = [
-                con.register_object(names.OBJECT_PATH, iface, self._on_call, None, None)
-                for iface in (*self._node.interfaces, properties.INTERFACE)
+                con.register_object(names.OBJECT_PATH, iface, None, None, None)
+                for iface in self._node.interfaces
             ]
             flags = 4  # DBUS_NAME_FLAG_DO_NOT_QUEUE: fail rather than wait in line
             reply = bus.dbus.RequestName(names.BUS_NAME, flags)
@@ -187,7 +206,7 @@ class DBusFrontend:
             None,
         )
         con.connect("closed", self._on_closed)
-        self._bus, self._registrations = bus, regs
+        self._bus, self._registrations, self._filter = bus, regs, filter_id
         self.connected = True
 
     def _release_name(self) -> None:
@@ -202,6 +221,8 @@ class DBusFrontend:
             req.cancel()
         if self.connected:
             con = self._bus.con
+            if self._filter is not None:
+                con.remove_filter(self._filter)
             for reg in self._registrations:
                 con.unregister_object(reg)
             con.flush_sync(None)
@@ -212,8 +233,9 @@ class DBusFrontend:
         if self._stopping or self._bus is None or con is not self._bus.con:
             return
         self.connected = False
-        self._registrations = []
+        self._registrations, self._filter = [], None
         self._callers.clear()
+        self._waiting.clear()  # their look-ups fail with the connection, and answer them
         # Every client was on that bus: nobody is left to receive their requests' signals.
         # Cancel all their work, request objects included. Future.cancel() runs done
         # callbacks at once (they discard from these sets): copy.
@@ -258,118 +280,202 @@ class DBusFrontend:
         caller = self._callers.pop(name, None)
         if caller is not None:
             asyncio.run_coroutine_threadsafe(self.kernel.session_closed(caller), self.loop)
-        # Its request objects' futures are among these (_start_request submits them).
+        # Its request objects' futures are among these (_syscall submits them).
         for fut in list(self._inflight.pop(name, set())):
             fut.cancel()
 
-    # --- calls (GLib thread) --------------------------------------------------------------
+    # --- calls ---------------------------------------------------------------------------
 
-    def _on_call(
-        self,
-        con: Gio.DBusConnection,
-        sender: str,
-        path: str,
-        iface: str,
-        method: str,
-        params: GLib.Variant,
-        invocation: Gio.DBusMethodInvocation,
-    ) -> None:
+    def _take(
+        self, con: Gio.DBusConnection, message: Gio.DBusMessage, incoming: bool, *_data: Any
+    ) -> Gio.DBusMessage | None:
+        """The message filter (GDBus's worker thread): take the calls that are aiosd's to
+        answer, hand them to the GLib thread, and let GDBus have every other message."""
         try:
-            if iface == names.DBUS_PROPERTIES:
-                self._properties_call(method, params, invocation)
-            elif iface == names.OBJECT_MANAGER:
-                self._managed_objects(sender, invocation)
-            elif (iface, method) in self._methods:
-                self._syscall(sender, self._methods[(iface, method)], params, invocation)
+            if not incoming or message.get_message_type() != Gio.DBusMessageType.METHOD_CALL:
+                return message
+            path, iface = message.get_path(), message.get_interface()
+            if iface == names.DBUS_PEER:
+                return message  # answered alike on every path, by GDBus
+            if path == names.OBJECT_PATH:
+                if iface == names.DBUS_INTROSPECTABLE:
+                    return message
+            elif path is not None and path.startswith(names.REQUEST_PATH_PREFIX + "/"):
+                req = self.requests.get(path)
+                if req is None or req.owner != message.get_sender():
+                    return message  # to GDBus, as for any path where nothing is
             else:
-                invocation.return_dbus_error(
-                    names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{method}"
-                )
-        except Exception as exc:
-            _return_error(invocation, exc, "D-Bus call %s.%s failed", iface, method)
+                return message
+            GLib.idle_add(self._on_message, con, message, priority=GLib.PRIORITY_DEFAULT)
+            return None
+        except Exception:  # never lose a message: GDBus answers what this could not take
+            return message
 
-    def _syscall(
-        self, sender: str, bm: BusMethod, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
-    ) -> None:
+    def _on_message(self, con: Gio.DBusConnection, message: Gio.DBusMessage) -> bool:
+        call = BusCall(con, message, self.cfg.max_message_bytes)
+        try:
+            if call.path == names.OBJECT_PATH:
+                self._manager_call(call)
+            else:
+                self._request_call(call)
+        except Exception as exc:
+            _return_error(call, exc, "D-Bus call %s.%s failed", call.interface, call.member)
+        return False
+
+    def _manager_call(self, call: BusCall) -> None:
+        iface, member = call.interface, call.member
+        bm = self._methods.get((iface or "", member))
+        if iface is None:
+            call.return_dbus_error(
+                names.DBUS_UNKNOWN_METHOD, f"no method {member}: aiosd's methods need an interface"
+            )
+        elif bm is not None:
+            if call.checked(bm.in_signature):
+                self._syscall(call, bm)
+        elif iface == names.DBUS_PROPERTIES and member in properties.SIGNATURES:
+            if call.checked(properties.SIGNATURES[member]):
+                self._with_role(call, lambda _caller: self._properties_call(call))
+        elif iface == names.OBJECT_MANAGER and member == "GetManagedObjects":
+            if call.checked(""):
+                self._with_role(call, lambda _caller: self._managed_objects(call))
+        elif iface in self._interfaces or iface in (names.DBUS_PROPERTIES, names.OBJECT_MANAGER):
+            call.return_dbus_error(names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{member}")
+        else:
+            call.return_dbus_error(
+                names.DBUS_UNKNOWN_METHOD, f"no interface {iface} on {names.OBJECT_PATH}"
+            )
+
+    def _request_call(self, call: BusCall) -> None:
+        req = self.requests.get(call.path)
+        if req is None or req.owner != call.sender:
+            # It ended after the filter took the call: only its owner can be told so.
+            call.return_dbus_error(names.DBUS_UNKNOWN_OBJECT, f"no object at {call.path}")
+            return
+        req.handle(call)
+
+    def _syscall(self, call: BusCall, bm: BusMethod) -> None:
         if not self._accepting:
             raise ShuttingDown("the daemon is stopping and takes no new requests")
-        required = [name for name, _ in bm.args]
-        call, option_keys = params_from_bus(bm.syscall.params, params, required, bm.has_options)
-        for key in option_keys:
-            if key in TRANSPORT_FIELDS or key in required:
-                raise InvalidParams(
-                    f"invalid params: options.{key}: not an option on D-Bus"
-                    + (f"; call Start{bm.name} to stream" if key == "stream" else ""),
-                    data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
-                )
-        if bm.syscall.streams:
-            call["stream"] = bm.starts_request
 
         def dispatch(caller: Caller) -> None:
+            role = self.kernel.access.role(caller)
+            refused = self.limits.admit(caller.uid, role is Role.admin)
+            if refused is not None:
+                raise refused
+            try:
+                admitted(caller, role)
+            except BaseException:
+                self.limits.release(caller.uid)
+                raise
+
+        def admitted(caller: Caller, role: Role) -> None:
+            # A caller with no role learns nothing, not even what is wrong with its arguments:
+            # the kernel refuses it (and audits that) before it looks at any.
+            params = {} if role is Role.none else _params(call, bm)
             if bm.starts_request:
-                self._start_request(sender, bm, call, caller, invocation)
+                # Random, not counted: a count would tell everyone how much others ask.
+                path = f"{names.REQUEST_PATH_PREFIX}/{secrets.token_hex(8)}"
+                req = RequestObject(
+                    self.forget, call.con, path, call.sender, bm.syscall, self.cfg.max_message_bytes
+                )
+                req.future = self._submit(
+                    call, caller, self._started(call, bm, params, caller, req)
+                )
+                req.future.add_done_callback(lambda _f: _unanswered(call))
             else:
-                fut = self._submit(sender, _dispatched(self.kernel, bm.syscall.name, call, caller))
-                fut.add_done_callback(lambda f: _reply(invocation, f, bm))
+                work = _dispatched(self.kernel, bm.syscall.name, params, caller)
+                fut = self._submit(call, caller, work)
+                fut.add_done_callback(lambda f: _reply(call, f, bm, self.cfg.max_message_bytes))
 
-        self._with_caller(sender, invocation, dispatch)
+        self._with_caller(call, dispatch)
 
-    def _submit(self, sender: str, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        bucket = self._inflight.setdefault(sender, set())
+    def _submit(
+        self, call: BusCall, caller: Caller, coro: Coroutine[Any, Any, T]
+    ) -> concurrent.futures.Future[T]:
+        """Run an admitted call's work on the event loop; it counts as in flight until done."""
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except BaseException:
+            coro.close()
+            raise
+        bucket = self._inflight.setdefault(call.sender, set())
         bucket.add(fut)
         fut.add_done_callback(bucket.discard)
+        fut.add_done_callback(lambda _f: self.limits.release(caller.uid))
         return fut
 
-    def _start_request(
+    async def _started(
         self,
-        sender: str,
+        call: BusCall,
         bm: BusMethod,
-        call: dict[str, Any],
+        params: dict[str, Any],
         caller: Caller,
-        invocation: Gio.DBusMethodInvocation,
+        req: RequestObject,
     ) -> None:
-        con = self._bus.con
-        path = f"{names.REQUEST_PATH_PREFIX}/{next(self._ids)}"
-        req = RequestObject(self.forget, con, path, sender, bm.syscall)
-        self.requests[path] = req
-        invocation.return_value(GLib.Variant("(o)", (path,)))
+        """``Start<Name>`` on the event loop: a call the kernel refuses is answered with its
+        error (no request object is made); else with the path of the request, which then
+        runs until it has ended."""
+        try:
+            work = self.kernel.dispatch(bm.syscall.name, params, caller, req.emit_token)
+        except Exception as exc:
+            _return_error(call, exc, "D-Bus call %s failed", bm.name)
+            return
+        self.requests[req.path] = req
+        call.return_value(GLib.Variant("(o)", (req.path,)))
         req.announce()
-        req.future = self._submit(
-            sender,
-            req.run(_dispatched(self.kernel, bm.syscall.name, call, caller, req.emit_token)),
-        )
+        await req.run(work)
 
     def forget(self, req: RequestObject) -> None:
         """A request object is gone (called on the event loop's thread, where it ended)."""
         self.requests.pop(req.path, None)
 
-    def _with_caller(
-        self, sender: str, invocation: Gio.DBusMethodInvocation, then: Callable[[Caller], None]
-    ) -> None:
+    def _with_role(self, call: BusCall, then: Callable[[Caller], None]) -> None:
+        """``then(caller)`` for a caller with a role; PermissionDenied for anyone else."""
+
+        def checked(caller: Caller) -> None:
+            if self.kernel.access.role(caller) is Role.none:
+                raise self.kernel.access.refusal(caller)
+            then(caller)
+
+        self._with_caller(call, checked)
+
+    def _with_caller(self, call: BusCall, then: Callable[[Caller], None]) -> None:
+        """``then(caller)`` once the sender's credentials are known (an error it raises is
+        the call's answer)."""
+        sender = call.sender
         cached = self._callers.get(sender)
         if cached is not None:
             self._callers.move_to_end(sender)
             then(cached)
             return
+        waiting = self._waiting.get(sender)
+        if waiting is not None:  # asked already: one answer serves them all
+            waiting.append((call, then))
+            return
+        waiters = self._waiting[sender] = [(call, then)]
 
         def done(con: Gio.DBusConnection, result: Gio.AsyncResult, _data: Any = None) -> None:
+            # Only this look-up's own: a bus that came back may have given the name anew.
+            if self._waiting.get(sender) is waiters:
+                del self._waiting[sender]
             try:
                 creds = con.call_finish(result).unpack()[0]
                 caller = _caller_from(creds, sender)
             except Exception as exc:
                 log.warning("D-Bus: cannot get the credentials of %s: %s", sender, exc)
-                invocation.return_dbus_error(
-                    names.DBUS_ACCESS_DENIED, "cannot establish the caller's identity"
-                )
+                for waiter, _then in waiters:
+                    waiter.return_dbus_error(
+                        names.DBUS_ACCESS_DENIED, "cannot establish the caller's identity"
+                    )
                 return
             self._callers[sender] = caller
             if len(self._callers) > CREDENTIALS_CACHE:
                 self._callers.popitem(last=False)
-            try:
-                then(caller)
-            except Exception as exc:
-                _return_error(invocation, exc, "D-Bus call from %s failed", sender)
+            for waiter, then_ in waiters:
+                try:
+                    then_(caller)
+                except Exception as exc:
+                    _return_error(waiter, exc, "D-Bus call from %s failed", sender)
 
         self._bus.con.call(
             "org.freedesktop.DBus",
@@ -385,24 +491,22 @@ class DBusFrontend:
             None,
         )
 
-    def _properties_call(
-        self, method: str, params: GLib.Variant, invocation: Gio.DBusMethodInvocation
-    ) -> None:
+    def _properties_call(self, call: BusCall) -> None:
         typed = _typed(self._props)
         interfaces = {
             iface: typed if iface == names.PROPERTIES_INTERFACE else {}
             for iface in self._interfaces
         }
-        properties.answer(invocation, method, params, interfaces)
+        properties.answer(call, call.member, call.params, interfaces)
 
-    def _managed_objects(self, sender: str, invocation: Gio.DBusMethodInvocation) -> None:
+    def _managed_objects(self, call: BusCall) -> None:
         # Only the caller's own requests: other users' work is not theirs to see.
         objects = {
             path: {names.REQUEST_INTERFACE: req.properties()}
             for path, req in list(self.requests.items())
-            if req.owner == sender
+            if req.owner == call.sender
         }
-        invocation.return_value(GLib.Variant("(a{oa{sa{sv}}})", (objects,)))
+        call.return_value(GLib.Variant("(a{oa{sa{sv}}})", (objects,)))
 
     # --- properties (asyncio side) --------------------------------------------------------
 
@@ -432,6 +536,26 @@ class DBusFrontend:
                 "PropertiesChanged",
                 GLib.Variant("(sa{sv}as)", (names.PROPERTIES_INTERFACE, _typed(changed), [])),
             )
+
+
+def _params(call: BusCall, bm: BusMethod) -> dict[str, Any]:
+    """A syscall method's arguments as the syscall's params."""
+    required = [name for name, _ in bm.args]
+    params, option_keys = params_from_bus(bm.syscall.params, call.params, required, bm.has_options)
+    for key in option_keys:
+        if key in TRANSPORT_FIELDS or key in required:
+            raise InvalidParams(
+                f"invalid params: options.{key}: not an option on D-Bus"
+                + (
+                    f"; call Start{bm.name} to stream"
+                    if key == "stream" and not bm.starts_request
+                    else ""
+                ),
+                data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
+            )
+    if bm.syscall.streams:
+        params["stream"] = bm.starts_request
+    return params
 
 
 async def _dispatched(
@@ -472,21 +596,27 @@ def _caller_from(creds: Mapping[str, Any], sender: str) -> Caller:
 
 
 def _reply(
-    invocation: Gio.DBusMethodInvocation,
+    call: BusCall,
     fut: concurrent.futures.Future[dict[str, Any]],
     bm: BusMethod,
+    max_bytes: int,
 ) -> None:
     try:
-        result = result_vardict(bm.syscall.result, fut.result())
-        invocation.return_value(GLib.Variant("(a{sv})", (result,)))
+        call.return_value(result_body(bm.syscall.result, fut.result(), max_bytes))
     except concurrent.futures.CancelledError:
-        _return_error(invocation, ShuttingDown("the request was cancelled before it finished"))
+        _return_error(call, ShuttingDown("the request was cancelled before it finished"))
     except Exception as exc:
-        _return_error(invocation, exc, "D-Bus reply of %s failed", bm.syscall.name)
+        _return_error(call, exc, "D-Bus reply of %s failed", bm.syscall.name)
+
+
+def _unanswered(call: BusCall) -> None:
+    """A call whose work ended (cancelled before it started) without answering it."""
+    if not call.answered:
+        _return_error(call, ShuttingDown("the request was cancelled before it started"))
 
 
 def _return_error(
-    invocation: Gio.DBusMethodInvocation,
+    invocation: BusCall,
     exc: BaseException,
     log_msg: str = "D-Bus call failed",
     *log_args: Any,

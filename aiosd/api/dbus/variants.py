@@ -16,11 +16,15 @@ and whatever reads free-form data takes it for JSON), and any other D-Bus type a
 is taken for its natural JSON value.
 
 Nothing is ever changed on the way: a value GLib would convert or cut (text holding NUL,
-an integer beyond ``x``) is refused with a :class:`Refused` naming where it is.
+an integer beyond ``x``) is refused with a :class:`Refused` naming where it is.  Nor is a value
+ever sent that would make its message one the bus refuses (dbus-daemon drops the connection
+of a sender whose message is invalid, and every client's calls with it): containers nested
+deeper than :data:`MAX_DEPTH` are refused the same way, with :class:`Beyond`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from gi.repository import GLib
@@ -28,6 +32,15 @@ from gi.repository import GLib
 #: The type a null element of a free-form array travels as (see the module docstring).
 NULL_SIGNATURE = "ay"
 INT64 = (-(2**63), 2**63 - 1)
+#: How deep a message's values may nest containers (arrays with elements, structures, dict
+#: entries and variants, all counted), from its arguments (depth 0) on: the D-Bus
+#: specification's 32 arrays plus 32 structures, which dbus-daemon also applies to the
+#: nesting variants make.  Each level of a free-form object is three (``a{sv}``: the array,
+#: its entries, the variant), so free-form data nests at most about 20 objects deep.
+MAX_DEPTH = 64
+#: What no D-Bus string may hold: NUL (GLib would cut the text there) and lone surrogates
+#: (not UTF-8).
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class Refused(TypeError):
@@ -52,14 +65,51 @@ class Refused(TypeError):
 
 
 class NotCarried(Refused):
-    """A value of the declared type that D-Bus has no room for: text holding NUL."""
+    """A value of the declared type that D-Bus has no room for: text holding NUL (or a lone
+    surrogate), or one of :class:`Beyond`'s."""
+
+
+class Beyond(NotCarried):
+    """A value beyond what any D-Bus message may hold: an integer out of the range of its
+    D-Bus type, containers nested deeper than :data:`MAX_DEPTH`."""
 
 
 def text(value: str) -> str:
-    """The text itself; NotCarried if it holds NUL, where GLib would silently cut it."""
-    if "\x00" in value:
-        raise NotCarried("text contains NUL, which a D-Bus string cannot carry")
+    """The text itself; NotCarried if it holds NUL, where GLib would silently cut it, or a
+    lone surrogate, which is not UTF-8."""
+    bad = _NOT_TEXT.search(value)
+    if bad is not None:
+        if bad.group() == "\x00":
+            raise NotCarried("text contains NUL, which a D-Bus string cannot carry")
+        raise NotCarried(f"text contains a lone surrogate at offset {bad.start()} (not UTF-8)")
     return value
+
+
+#: Longest error message sent, in characters (messages name what was wrong; none needs more).
+MAX_MESSAGE_CHARS = 4096
+
+
+def message_text(message: str) -> str:
+    """An error message as one D-Bus string, whatever callers it quotes: UTF-8, no NUL,
+    at most :data:`MAX_MESSAGE_CHARS` long."""
+    text = message[:MAX_MESSAGE_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00")
+
+
+def int_beyond(value: int, what: str) -> Beyond:
+    """The refusal of an integer out of the range of ``what``."""
+    # Named by its size when long: str() of an int of thousands of digits is itself refused.
+    shown = str(value) if value.bit_length() <= 128 else f"of {value.bit_length()} bits"
+    return Beyond(f"integer {shown} is beyond {what}")
+
+
+def deeper(depth: int, levels: int) -> int:
+    """The depth ``levels`` below ``depth``; Beyond if a message may not nest that deep."""
+    if depth + levels > MAX_DEPTH:
+        raise Beyond(
+            f"nested deeper than a D-Bus message may hold ({MAX_DEPTH} levels of containers)"
+        )
+    return depth + levels
 
 
 def null_variant() -> GLib.Variant:
@@ -67,8 +117,12 @@ def null_variant() -> GLib.Variant:
     return GLib.Variant(NULL_SIGNATURE, b"")
 
 
-def free_variant(value: object) -> GLib.Variant:
-    """A free-form (JSON) value as the variant its own type calls for."""
+def free_variant(value: object, depth: int = 0) -> GLib.Variant:
+    """A free-form (JSON) value as the variant its own type calls for.
+
+    ``depth`` is where the value sits in its message (the content of a variant is one level
+    below the variant); containers that would nest deeper than :data:`MAX_DEPTH` are Beyond.
+    """
     if isinstance(value, GLib.Variant):  # a client's own choice of type, for an option
         return value
     if value is None:
@@ -77,34 +131,40 @@ def free_variant(value: object) -> GLib.Variant:
         return GLib.Variant("b", value)
     if isinstance(value, int):
         if not INT64[0] <= value <= INT64[1]:
-            raise Refused(f"integer {value} is beyond int64 (x)")
+            raise int_beyond(value, "int64 (x)")
         return GLib.Variant("x", value)
     if isinstance(value, float):
         return GLib.Variant("d", value)
     if isinstance(value, str):
         return GLib.Variant("s", text(value))
     if isinstance(value, Mapping):
-        return GLib.Variant("a{sv}", free_vardict(value))
+        return GLib.Variant("a{sv}", free_vardict(value, depth))
     if isinstance(value, (list, tuple)):
         items = []
-        for i, v in enumerate(value):
-            try:
-                items.append(free_variant(v))
-            except Refused as exc:
-                raise exc.at(i) from None
+        if value:
+            inner = deeper(depth, 2)  # the av's elements, then what each variant holds
+            for i, v in enumerate(value):
+                try:
+                    items.append(free_variant(v, inner))
+                except Refused as exc:
+                    raise exc.at(i) from None
         return GLib.Variant("av", items)
     raise Refused(f"{type(value).__name__} is not JSON: free-form values are JSON")
 
 
-def free_vardict(mapping: Mapping[str, object]) -> dict[str, GLib.Variant]:
-    """A free-form object as an ``a{sv}``; members whose value is null are left out."""
+def free_vardict(mapping: Mapping[str, object], depth: int = 0) -> dict[str, GLib.Variant]:
+    """A free-form object as an ``a{sv}`` (at ``depth`` in its message); members whose value
+    is null are left out."""
     out: dict[str, GLib.Variant] = {}
+    inner = 0
     for k, v in mapping.items():
         if v is None:
             continue
+        # The a{sv}'s entries, their members, then what each member's variant holds.
+        inner = inner or deeper(depth, 3)
         key = str(k)
         try:
-            out[text(key)] = free_variant(v)
+            out[text(key)] = free_variant(v, inner)
         except Refused as exc:
             raise exc.at(key) from None
     return out

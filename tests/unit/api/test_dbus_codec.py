@@ -120,6 +120,75 @@ def test_the_sdk_refuses_to_send_text_holding_nul() -> None:
     assert as_bytes.get_child_value(2).get_variant().get_type_string() == "ay"
 
 
+# --- what the bus would refuse: refused before it is sent ------------------------------------
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_a_result_nested_deeper_than_a_message_may_be_is_refused_naming_the_member() -> None:
+    # Each level of an object is three on the bus (array, entry, variant): 20 fit in 64.
+    sent = codec.result_vardict(GetResult, _get_result(metadata=_nested(20)))
+    assert "metadata" in sent
+    with pytest.raises(NotSupported, match="nested deeper than a D-Bus message") as exc:
+        codec.result_vardict(GetResult, _get_result(metadata=_nested(21)))
+    assert "result member metadata" + ".a" * 20 + ":" in exc.value.message  # the 21st
+    # Lists are two (array, variant): as deep a list is refused the same way.
+    deep_list: list[Any] = [1]
+    for _ in range(40):
+        deep_list = [deep_list]
+    with pytest.raises(NotSupported, match=r"metadata\.l\.0\.0.*nested deeper"):
+        codec.result_vardict(GetResult, _get_result(metadata={"l": deep_list}))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "where"),
+    [
+        ({"n": 2**63}, "metadata.n: integer 9223372036854775808 is beyond int64"),
+        ({"n": -(2**63) - 1}, "metadata.n: integer -9223372036854775809 is beyond int64"),
+        ({"l": [1, 10**5000]}, "metadata.l.1: integer of 16610 bits is beyond int64"),
+    ],
+)
+def test_a_result_integer_beyond_its_bus_type_is_refused_naming_the_member(
+    metadata: dict[str, Any], where: str
+) -> None:
+    with pytest.raises(NotSupported, match=f"result member {where}"):
+        codec.result_vardict(GetResult, _get_result(metadata=metadata))
+    with pytest.raises(NotSupported, match="result member size: integer .* beyond int64"):
+        codec.result_vardict(GetResult, {**_get_result(), "size": 2**64})
+
+
+def test_a_result_holding_a_lone_surrogate_is_refused_naming_the_member() -> None:
+    with pytest.raises(NotSupported, match=r"result member metadata\.s: .*lone surrogate"):
+        codec.result_vardict(GetResult, _get_result(metadata={"s": "a\udc80"}))
+
+
+def test_a_result_larger_than_a_message_may_be_is_refused() -> None:
+    big = _get_result(value="x" * 200_000)
+    assert codec.result_body(GetResult, big, 256 * 1024).get_size() > 200_000
+    with pytest.raises(NotSupported, match=r"is \d+ bytes on D-Bus.*dbus\.max_message_bytes"):
+        codec.result_body(GetResult, big, 128 * 1024)
+
+
+def test_the_size_of_a_large_message_is_measured_exactly() -> None:
+    body = GLib.Variant("(a{sv})", ({"v": bytes_variant(b"\x01" * 1_000_000)},))
+    # Under the limit by far: a bound will do (no second serialization).
+    assert codec.message_bytes(body, 20_000_000) == body.get_size() * 16 + 64 * 1024
+    exact = codec.message_bytes(body, 1_000_000)
+    assert 1_000_000 < exact < 1_000_000 + 2048  # the bytes, a header, a little room
+
+
+def test_the_sdk_still_refuses_out_of_range_integers_as_invalid_params() -> None:
+    with pytest.raises(InvalidParams, match="metadata.n: integer .* beyond int64"):
+        _args(
+            "storage.put", {"collection": "c", "key": "k", "value": "v", "metadata": {"n": 2**64}}
+        )
+
+
 # --- what the daemon reads -------------------------------------------------------------------
 
 
@@ -194,3 +263,13 @@ def test_a_binary_field_without_an_encoding_field_is_refused_at_build() -> None:
 def test_only_lists_are_arrays(annotation: object) -> None:
     with pytest.raises(TypeError, match="no D-Bus type"):
         codec.codec_for(annotation)
+
+
+def test_an_error_message_is_always_one_dbus_string() -> None:
+    from aiosd.api.dbus.variants import MAX_MESSAGE_CHARS, message_text
+
+    text = message_text("no key 'a\x00b\udc80'" + "x" * 10_000)
+    assert "\x00" not in text and "a\\x00b\\udc80" in text
+    text.encode("utf-8")  # UTF-8, which a lone surrogate is not
+    assert len(text) <= MAX_MESSAGE_CHARS + 16
+    GLib.Variant("s", text)
