@@ -152,7 +152,10 @@ def test_accounted_bytes_track_the_heap(
 
         grown = await heap_growth(work)
         counted = (await m.usage(ALICE))["bytes"]
-        assert 0.8 * grown <= counted <= 1.25 * grown, (counted, grown)
+        # Measured: 1.18 / 1.01 / 0.97 of the growth when run alone, up to 1.26 inside the
+        # whole suite, where free lists left by earlier tests make the heap grow less.  Before
+        # the entries were counted with their overhead, "small" was counted at 0.03.
+        assert 0.8 * grown <= counted <= 1.4 * grown, (counted, grown)
 
     run(tmp_path, fn)
 
