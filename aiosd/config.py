@@ -52,6 +52,7 @@ class SocketConfig(_Section):
     max_connections_per_user: Annotated[int, Field(ge=1, le=65536)] = 32
     admin_reserved_connections: Annotated[int, Field(ge=0, le=65535)] = 16
     max_inflight_per_connection: Annotated[int, Field(ge=1, le=4096)] = 16
+    max_inflight_per_user: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     stalled_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
 
     @model_validator(mode="after")

@@ -291,3 +291,53 @@ def test_names_no_utf8_can_carry_and_deep_nesting_get_errors_not_a_dropped_line(
     client.send_raw(b"[" * 100_000 + b"\n")
     assert client.recv()["error"]["code"] == -32700
     assert client.call("system.status", req_id="after")["result"]["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("frame", "req_id", "says"),
+    [
+        (b'[{"jsonrpc":"2.0","id":1,"method":"system.status"}]', None, "batches"),
+        (b'"hello"', None, "a JSON object, not a string"),
+        (b'{"id":3,"method":"system.status"}', 3, "'jsonrpc' must be \"2.0\""),
+        (b'{"jsonrpc":2.0,"id":3,"method":"system.status"}', 3, "'jsonrpc' must be \"2.0\""),
+        (b'{"jsonrpc":"2.0","id":3}', 3, "'method' is missing"),
+        (b'{"jsonrpc":"2.0","id":3,"method":42}', 3, "'method' must be a string, not a number"),
+        (b'{"jsonrpc":"2.0","id":true,"method":"system.status"}', None, "not a boolean"),
+        (b'{"jsonrpc":"2.0","id":1.5,"method":"system.status"}', None, "with a fraction"),
+        (b'{"jsonrpc":"2.0","id":[1],"method":"system.status"}', None, "not an array"),
+    ],
+)
+def test_invalid_requests_say_what_is_wrong(
+    daemon: Daemon, client: RawClient, frame: bytes, req_id: object, says: str
+) -> None:
+    client.send_raw(frame + b"\n")
+    reply = client.recv()
+    assert reply["id"] == req_id, reply
+    assert reply["error"]["code"] == -32600, reply
+    assert says in reply["error"]["message"], reply
+    _no_traceback(reply)
+    assert client.call("system.status", req_id="after")["result"]
+
+
+def test_a_number_too_long_to_read_is_a_parse_error(daemon: Daemon, client: RawClient) -> None:
+    client.send_raw(b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"system.status"}\n')
+    reply = client.recv()
+    assert reply["id"] is None and reply["error"]["code"] == -32700, reply
+    message = reply["error"]["message"]
+    assert "4300 digits" in message and "sys." not in message, message
+    assert client.call("system.status", req_id="after")["result"]
+
+
+def test_deep_nesting_anywhere_in_a_frame_is_a_parse_error_not_a_crash(
+    daemon: Daemon, client: RawClient
+) -> None:
+    before = daemon.log()
+    prefix = b'{"jsonrpc":"2.0","id":7,"method":"system.status","params":'
+    for frame in (b"[" * 500_000, b'{"a":' * 200_000, prefix + b"[" * 500_000):
+        client.send_raw(frame + b"\n")
+        reply = client.recv()
+        assert reply["id"] is None and reply["error"]["code"] == -32700, reply
+        assert "nested too deeply" in reply["error"]["message"]
+    assert client.call("system.status", req_id="after")["result"]
+    added = daemon.log()[len(before) :]
+    assert "Traceback" not in added and " ERROR " not in added, added

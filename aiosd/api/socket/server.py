@@ -9,7 +9,10 @@ a syscall that answers at once (``system.status``) is parsed, dispatched, audite
 inside one ``data_received`` call, with no task and no extra turn of the event loop.  Only a
 syscall that waits (``llm.chat``, storage) gets a task, whose completion writes the reply.
 Backpressure: while a client does not read its replies (the transport's write buffer is over
-its high-water mark), its socket is not read either.
+:data:`WRITE_HIGH_WATER`), no more of its frames are handled and its socket is not read; one
+that leaves them unread for ``socket.stalled_timeout`` seconds loses its requests (and their
+LLM slots) and its connection.  Connections are bounded per uid, with a reserve for
+administrators, and so are requests in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import select
 import socket
 import stat
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,14 @@ from aiosd.managers.users import process_ids
 log = logging.getLogger(__name__)
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+#: A connection's unsent replies, in bytes, above which no more of its frames are handled
+#: (asyncio's default, set here so that the bound is ours): what a client that stops reading
+#: leaves in the daemon is this, one reply more, and the replies of requests already in
+#: flight.  Writing resumes when the client has read it down to a quarter of this.
+WRITE_HIGH_WATER = 64 * 1024
+#: The audit record of a connection refused or closed by the socket front-end itself.
+AUDIT_CONNECTION = "connection"
 
 
 def peer_caller(sock: socket.socket) -> Caller:
@@ -77,6 +89,63 @@ def _encode(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
+def _kind(value: Any) -> str:
+    """What a JSON value is, for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, float):
+        return "a number written with a fraction or an exponent"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _id_problem(raw_id: Any) -> str | None:
+    """What is wrong with a request's id (None: nothing; absent and null are fine)."""
+    if raw_id is None:
+        return None
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        return f"'id' must be an integer, a string or null, not {_kind(raw_id)}"
+    return None
+
+
+def _request_problem(msg: Any) -> str | None:
+    """What keeps a parsed frame from being a JSON-RPC 2.0 request (None: nothing)."""
+    if isinstance(msg, list):
+        return "batches (JSON arrays of requests) are not supported: send one request per line"
+    if not isinstance(msg, dict):
+        return f"a request is a JSON object, not {_kind(msg)}"
+    if msg.get("jsonrpc") != "2.0":
+        return "'jsonrpc' must be \"2.0\"" + (" (it is missing)" if "jsonrpc" not in msg else "")
+    if "method" not in msg:
+        return "'method' is missing"
+    if not isinstance(msg["method"], str):
+        return f"'method' must be a string, not {_kind(msg['method'])}"
+    return _id_problem(msg.get("id"))
+
+
+def _parse(line: bytes | bytearray) -> Any:
+    """The JSON value of one frame; ParseError naming what is wrong with it."""
+    try:
+        text = line.decode()  # UTF-8, as JSON on the wire must be
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"parse error: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"parse error: {exc}") from None
+    except RecursionError:
+        raise ParseError("parse error: JSON nested too deeply") from None
+    except ValueError:  # the only other one: an integer too long to convert
+        raise ParseError(
+            f"parse error: a number has more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+
+
 def _error(req_id: Any, err: AiosError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": req_id, "error": err.to_rpc()}
 
@@ -102,6 +171,8 @@ class SocketServer:
         self._connections: set[_Connection] = set()
         #: Admitted connections by peer uid (socket.max_connections_per_user).
         self._per_uid: collections.Counter[int] = collections.Counter()
+        #: Requests in flight by peer uid, over all its connections (max_inflight_per_user).
+        self._inflight: collections.Counter[int] = collections.Counter()
         self._serial = 0
         self._boot = f"{int(time.time()):x}"
 
@@ -179,15 +250,14 @@ class SocketServer:
                 out.append(f"uid {c.uid} pid {c.pid} ({len(conn.tasks)} request(s) in flight)")
         return sorted(out)
 
-    def _admit(self, conn: _Connection) -> Caller | TooManyConnections:
+    def _admit(self, conn: _Connection, peer: Caller) -> Caller | TooManyConnections:
         """Register a new connection and give its caller, or the limit it is over.
 
         Everyone shares max_connections; users (and callers with no role) are also bound by
-        max_connections_per_user and may not take the administrators' reserve.
+        max_connections_per_user and may not take the administrators' reserve.  The role
+        comes from the peer's groups as the kernel gave them: no user database look-up.
         """
         cfg = self.cfg
-        sock = conn.transport.get_extra_info("socket")
-        peer = peer_caller(sock)
         if self.kernel.access.role(peer) is not Role.admin:
             mine = self._per_uid[peer.uid]
             if mine >= cfg.max_connections_per_user:
@@ -226,6 +296,25 @@ class SocketServer:
         self._connections.discard(conn)
         self._count_connections()
 
+    def _inflight_problem(self, uid: int) -> TooManyRequests | None:
+        """The error for one more request in flight of ``uid``, if it is at its limit."""
+        limit = self.cfg.max_inflight_per_user
+        if self._inflight[uid] < limit:
+            return None
+        return TooManyRequests(
+            f"uid {uid} already has {limit} requests in flight over its connections "
+            "(socket.max_inflight_per_user); wait for one to finish",
+            data={"limit": limit, "scope": "user"},
+        )
+
+    def _started(self, uid: int) -> None:
+        self._inflight[uid] += 1
+
+    def _ended(self, uid: int) -> None:
+        self._inflight[uid] -= 1
+        if not self._inflight[uid]:
+            del self._inflight[uid]
+
     def _count_connections(self) -> None:
         self.kernel.connections = len(self._connections)
         self.kernel.changed()
@@ -244,11 +333,14 @@ class _Connection(asyncio.Protocol):
         self.tasks: set[asyncio.Future[dict[str, Any]]] = set()
         self.finished = asyncio.Event()
         self._buf = bytearray()
+        self._scan = 0  # where in _buf a newline may be: the bytes before it have none
+        self._eof = False  # the client has sent everything it will
         self._closing = False  # no more frames are handled: closed, or closing once idle
         self._close_when_idle = False
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._stall: asyncio.TimerHandle | None = None
+        self._resume: asyncio.Handle | None = None
         self._cleanup: asyncio.Task[None] | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
@@ -257,32 +349,41 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
         try:
-            admitted = self.server._admit(self)
+            peer = peer_caller(transport.get_extra_info("socket"))
         except OSError as exc:  # the peer left before we could read its credentials
             log.debug("dropping a connection without credentials: %s", exc)
             self._closing = True
             transport.abort()
             self.finished.set()
             return
+        admitted = self.server._admit(self, peer)
         if isinstance(admitted, TooManyConnections):
             self._closing = True
+            self.kernel.access.audit(peer, AUDIT_CONNECTION, "denied", admitted.message)
             self._write(_error(None, admitted))
             transport.close()
             self.finished.set()
             return
         self.caller = admitted
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        buf: bytes | bytearray = data
-        scan = 0  # where a newline may be: the bytes kept from before had none
         if self._buf:
-            scan = len(self._buf)
             self._buf += data
-            buf = self._buf
+            self._take_frames(self._buf)
+        else:
+            self._take_frames(data)  # no copy of the bytes read unless some are kept
+
+    def _take_frames(self, buf: bytes | bytearray) -> None:
+        """Handle the complete frames of ``buf`` (``self._buf``, or bytes just read) until the
+        client's replies pile up unread; keep the rest in ``self._buf`` for later."""
+        scan = self._scan if buf is self._buf else 0
         start = 0
-        while (end := buf.find(b"\n", scan)) >= 0:
+        # Once writing is paused no frame more is handled, even of bytes already read: what a
+        # client that does not read makes the daemon hold stays bounded (WRITE_HIGH_WATER).
+        while not self._writing_paused and (end := buf.find(b"\n", scan)) >= 0:
             if end + 1 - start > self.limit:
                 self._too_large()
                 return
@@ -292,15 +393,32 @@ class _Connection(asyncio.Protocol):
                 self._handle_frame(line)
                 if self._closing:
                     return
+        paused = self._writing_paused
         rest = len(buf) - start
-        if rest >= self.limit:  # with its newline this frame cannot fit any more
+        if not paused and rest >= self.limit:  # with its newline it cannot fit any more
             self._too_large()
-        elif buf is self._buf:
+            return
+        if buf is self._buf:
             del self._buf[:start]
         elif rest:
             self._buf = bytearray(memoryview(buf)[start:])
+        self._scan = 0 if paused else rest
 
     def eof_received(self) -> bool:
+        self._eof = True
+        if self._writing_paused and self._buf and not self._closing:
+            # Frames are still waiting for the client to read its replies: _go_on handles
+            # them.  Unless the peer is gone altogether (nobody to answer).
+            keep_open = self._peer_still_reads()
+        else:
+            keep_open = self._end_of_input()
+        if not keep_open:
+            self._closing = True  # the transport closes; connection_lost follows
+        return keep_open
+
+    def _end_of_input(self) -> bool:
+        """After the client's last frame: eof_received's answer (True: keep the transport
+        open until the answers are written)."""
         if self._buf and not self._closing:
             # A last frame without its newline (``printf … | socat``) is still a frame.
             line, self._buf = bytes(self._buf), bytearray()
@@ -310,13 +428,16 @@ class _Connection(asyncio.Protocol):
             # The client only shut down its writing side: answer what it asked, then close.
             self._closing = self._close_when_idle = True
             return True
-        return False  # the transport closes; connection_lost follows
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         # Senders waiting to write go on (their writes are dropped); _finish cancels them.
         self._wake_senders()
         if self.caller is not None and self._cleanup is None:
@@ -336,22 +457,55 @@ class _Connection(asyncio.Protocol):
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
-        if not self._closing:
-            self.transport.resume_reading()  # type: ignore[attr-defined]
         self._wake_senders()
+        if self._closing:
+            return
+        if self._buf or self._eof:
+            # Frames read before the pause, or the end of input, still to handle: not from
+            # inside the transport's write callback (this one), which handling them may close.
+            if self._resume is None:
+                self._resume = asyncio.get_running_loop().call_soon(self._go_on)
+        else:
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def _go_on(self) -> None:
+        """After a pause: handle the frames read before it, then read on (or end)."""
+        self._resume = None
+        if self._closing or self._writing_paused:
+            return  # closed meanwhile, or paused again: the next resume_writing comes here
+        if self._buf:
+            self._take_frames(self._buf)
+            if self._closing or self._writing_paused:
+                return
+        if self._eof:  # every frame of the client is handled now
+            if not self._end_of_input():
+                self._closing = True
+                self.transport.close()
+            return
+        self.transport.resume_reading()  # type: ignore[attr-defined]
 
     def _stalled(self) -> None:
         """The client has left its replies unread for socket.stalled_timeout seconds: what
         it holds (LLM slots above all) goes back to the others, and the connection goes."""
         self._stall = None
         c = self.caller
+        assert c is not None  # only admitted connections write enough to pause
+        timeout = self.server.cfg.stalled_timeout
         log.warning(
-            "uid %s pid %s has not read its replies for %.0f s: closing its connection and "
-            "cancelling its %d request(s) (socket.stalled_timeout)",
-            c.uid if c else "?",
-            c.pid if c else "?",
-            self.server.cfg.stalled_timeout,
+            "uid %d pid %d has not read its replies for %g s (socket.stalled_timeout): "
+            "closing its connection, %d bytes of replies unread, %d request(s) cancelled",
+            c.uid,
+            c.pid,
+            timeout,
+            self.transport.get_write_buffer_size(),
             len(self.tasks),
+        )
+        self.kernel.access.audit(
+            c,
+            AUDIT_CONNECTION,
+            "closed",
+            f"its replies were left unread for {timeout:g} s (socket.stalled_timeout); "
+            f"{len(self.tasks)} request(s) cancelled",
         )
         self._closing = True
         # Not close(): that would wait for the unread replies to be flushed, i.e. forever.
@@ -418,45 +572,26 @@ class _Connection(asyncio.Protocol):
 
     def _handle_frame(self, line: bytes | bytearray) -> None:
         try:
-            msg = json.loads(line.decode())  # UTF-8, as JSON on the wire must be
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
-            self._write(_error(None, ParseError(f"parse error: {exc}")))
-            return
-        except RecursionError:
-            self._write(_error(None, ParseError("parse error: JSON nested too deeply")))
+            msg = _parse(line)
+        except ParseError as bad:
+            self._write(_error(None, bad))
             return
         raw_id = msg.get("id") if isinstance(msg, dict) else None
         # An id is a string, an integer (bool is not one) or null; absent means a notification.
-        id_ok = raw_id is None or (isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool))
-        req_id = raw_id if id_ok else None
-        if (
-            not isinstance(msg, dict)
-            or msg.get("jsonrpc") != "2.0"
-            or not isinstance(msg.get("method"), str)
-            or not id_ok
-        ):
-            self._write(
-                _error(
-                    req_id,
-                    InvalidRequest(
-                        "invalid request: expected one JSON-RPC 2.0 object with 'jsonrpc': "
-                        "'2.0', a string 'method' and an integer or string 'id'"
-                    ),
-                )
-            )
+        req_id = raw_id if _id_problem(raw_id) is None else None
+        if (problem := _request_problem(msg)) is not None:
+            self._write(_error(req_id, InvalidRequest(f"invalid request: {problem}")))
             return
-        limit = self.server.cfg.max_inflight_per_connection
-        if len(self.tasks) >= limit:
-            # Error replies are not requests in flight: they do not count against the limit.
-            err = TooManyRequests(
-                f"this connection already has {limit} requests in flight "
-                "(socket.max_inflight_per_connection); wait for one to finish",
-                data={"limit": limit},
-            )
-            self._write(_error(req_id, err))
-            return
+        assert self.caller is not None
         notify_only = "id" not in msg
         method = msg["method"]
+        spec = self.kernel.syscalls.get(method)
+        if spec is not None and spec.waits:
+            # Only a request that waits is in flight (and bounded): one that answers at once,
+            # or an error reply, holds nothing once its reply is written.
+            if (err := self._inflight_problem()) is not None:
+                self._write(_error(req_id, err))
+                return
 
         async def emit(note: dict[str, Any]) -> None:
             if not notify_only:
@@ -464,7 +599,6 @@ class _Connection(asyncio.Protocol):
                     {"jsonrpc": "2.0", "method": STREAM_METHOD, "params": {"id": req_id, **note}}
                 )
 
-        assert self.caller is not None
         try:
             out = self.kernel.dispatch(method, msg.get("params"), self.caller, emit)
         except Exception as exc:
@@ -473,6 +607,7 @@ class _Connection(asyncio.Protocol):
             if not out.done():
                 # The syscall waits: its task finishes it, and its completion writes the reply.
                 self.tasks.add(out)
+                self.server._started(self.caller.uid)
                 out.add_done_callback(
                     lambda t: self._reply_when_done(t, req_id, method, notify_only)
                 )
@@ -481,10 +616,24 @@ class _Connection(asyncio.Protocol):
         if not notify_only:
             self._write(reply)
 
+    def _inflight_problem(self) -> TooManyRequests | None:
+        """The error for one more request in flight on this connection, if it is at a limit."""
+        limit = self.server.cfg.max_inflight_per_connection
+        if len(self.tasks) >= limit:
+            return TooManyRequests(
+                f"this connection already has {limit} requests in flight "
+                "(socket.max_inflight_per_connection); wait for one to finish",
+                data={"limit": limit, "scope": "connection"},
+            )
+        assert self.caller is not None
+        return self.server._inflight_problem(self.caller.uid)
+
     def _reply_when_done(
         self, task: asyncio.Future[dict[str, Any]], req_id: Any, method: str, notify_only: bool
     ) -> None:
         self.tasks.discard(task)
+        assert self.caller is not None
+        self.server._ended(self.caller.uid)
         try:
             self._reply_for(task, req_id, method, notify_only)
         finally:
