@@ -32,14 +32,24 @@ MiB = 1024 * KiB
 def run(tmp_path: Path, fn: Callable[[MemoryManager], Awaitable[None]], **cfg: Any) -> None:
     """Run ``fn(manager)`` on one event loop, with a fresh storage under ``tmp_path``."""
 
+    # The manager outlives the loop: freeing the hundreds of thousands of objects a test
+    # makes it hold (and dropping their traces) takes tens of milliseconds, which would count
+    # as the test's own task blocking its loop.
+    held: list[MemoryManager] = []
+
     async def main() -> None:
         storage = StorageManager(tmp_path / "storage", "normal", Limits(1 << 30, 1 << 20, 4))
+        held.append(MemoryManager(storage, MemoryConfig(**cfg)))
         try:
-            await fn(MemoryManager(storage, MemoryConfig(**cfg)))
+            await fn(held[0])
         finally:
             await storage.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracemalloc.stop()
+        held.clear()
 
 
 def fresh(text: str) -> str:
@@ -55,14 +65,11 @@ def wide_tags(n: int) -> list[str]:
 async def heap_growth(work: Callable[[], Awaitable[None]]) -> int:
     """Bytes the Python heap holds after ``work`` that it did not before."""
     gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        await work()
-        gc.collect()
-        return tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    tracemalloc.start()  # stopped by run(), after the loop
+    before = tracemalloc.get_traced_memory()[0]
+    await work()
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] - before
 
 
 async def stored_count(m: MemoryManager, uid: int, space: str) -> int:
