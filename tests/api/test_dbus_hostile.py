@@ -382,6 +382,45 @@ def test_a_caller_with_no_role_gets_the_introspection_and_nothing_else(
     assert user.call(names.OBJECT_MANAGER, "GetManagedObjects").unpack() == ({},)
 
 
+def test_the_daemons_signals_reach_only_callers_with_a_role(
+    setup: Setup, sessions: Any, unix_users: dict[str, UnixUser]
+) -> None:
+    # The manager's PropertiesChanged is a broadcast: how busy the daemon is, whenever it
+    # changes.  The bus policy hands aiosd's signals only to the members of its groups.
+    got: dict[str, list[Any]] = {"in": [], "out": []}
+    opened = {}
+    for who in got:
+        s = opened[who] = sessions(unix_users[who])
+        s.con.signal_subscribe(
+            None,  # every sender: GDBus would not resolve the well-known name for us
+            names.DBUS_PROPERTIES,
+            "PropertiesChanged",
+            names.OBJECT_PATH,
+            None,
+            Gio.DBusSignalFlags.NONE,
+            lambda *args, who=who: got[who].append(args[5].unpack()),
+        )
+        s.call(names.DBUS_PEER, "Ping")  # the match rule is in place once this returns
+    root = sessions(None)
+    path = _start(root, {**LONG, "max_tokens": 4})
+    context = GLib.MainContext.default()
+
+    def seen_running_and_idle() -> bool:
+        while context.iteration(False):
+            pass
+        running = [changed["Running"] for _, changed, _ in got["in"] if "Running" in changed]
+        return 1 in running and running[-1] == 0
+
+    wait_until(seen_running_and_idle, 60, "the member to see the chat run and end", got.copy)
+    # The same broadcasts had as long to reach the user with no role, and one more round trip
+    # on its connection, which the bus orders after them.
+    opened["out"].call(names.DBUS_PEER, "Ping")
+    while context.iteration(False):
+        pass
+    assert got["out"] == []
+    assert path.startswith(names.REQUEST_PATH_PREFIX)
+
+
 def _probes(path: str) -> list[tuple[str, str, GLib.Variant | None]]:
     request = names.REQUEST_INTERFACE
     return [
