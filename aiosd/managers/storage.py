@@ -1134,8 +1134,13 @@ class UserStore:
         )
         args: list[Any] = [fts_query(query), *collections]
         for k, v in metadata.items():
-            sql += " AND json_extract(v.metadata, ?) = ?"
-            args.extend([f'$."{k}"', v])
+            # The member named exactly k: a JSON path ('$."k"') cannot name one whose name
+            # has a double quote in it, and SQLite has no escape for it there.
+            sql += (
+                " AND EXISTS (SELECT 1 FROM json_each(v.metadata) m"
+                " WHERE m.key = ? AND m.value = ?)"
+            )
+            args.extend([k, v])
         sql += " ORDER BY score LIMIT ? OFFSET ?"
         args.extend([limit, offset])
         try:

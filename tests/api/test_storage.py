@@ -320,6 +320,8 @@ def test_search_ranks_by_bm25_filters_metadata_and_pages(
         "b": ("storm storm storm at the lighthouse", {"kind": "log"}),
         "c": ("a quiet day with no weather at all", {"kind": "note"}),
         "d": ("notes about the storm drain", {"kind": "note"}),
+        # Member names a JSON path would read as syntax are matched as they are.
+        "e": ("storm in a teacup", {'say "hi"': "yes", "a.b": 1, "[0]": True}),
     }
     as_user(
         user,
@@ -336,13 +338,26 @@ def test_search_ranks_by_bm25_filters_metadata_and_pages(
         ("storage.search", {"query": "storm", "collection": "sea", "metadata": {"kind": "note"}}),
         ("storage.search", {"query": "storm", "collection": "sea", "limit": 1, "offset": 1}),
         ("storage.search", {"query": "note", "collection": "sea"}),
+        (
+            "storage.search",
+            {"query": "storm", "collection": "sea", "metadata": {'say "hi"': "yes"}},
+        ),
+        (
+            "storage.search",
+            {"query": "storm", "collection": "sea", "metadata": {"a.b": 1, "[0]": True}},
+        ),
+        ("storage.search", {"query": "storm", "collection": "sea", "metadata": {"say": "yes"}}),
     )
-    hits = ok(replies[0])["hits"]
+    assert [h["key"] for h in ok(replies[4])["hits"]] == ["e"]
+    assert [h["key"] for h in ok(replies[5])["hits"]] == ["e"]
+    assert ok(replies[6])["hits"] == []
+    ranked = ok(replies[0])["hits"]
+    hits = [h for h in ranked if h["key"] != "e"]
     assert [h["key"] for h in hits][0] == "b" and {h["key"] for h in hits} == {"a", "b", "d"}
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert "[storm]" in hits[0]["snippet"]
     assert [h["key"] for h in ok(replies[1])["hits"]] == ["d"]
-    assert [h["key"] for h in ok(replies[2])["hits"]] == [hits[1]["key"]]
+    assert [h["key"] for h in ok(replies[2])["hits"]] == [ranked[1]["key"]]
     assert {h["key"] for h in ok(replies[3])["hits"]} == {"c", "d"}  # metadata is searched too
 
 
