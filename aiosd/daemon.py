@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         files = ", ".join(loaded.files) or "none (built-in defaults)"
         print(f"configuration OK; files: {files}")
         return EXIT_OK
+    # What the daemon creates is its own unless it says otherwise (the socket and its
+    # directory do), as UMask=0077 in aiosd.service makes it under systemd.
+    os.umask(0o077)
     setup_logging(loaded.config, args.log_level)
     for warning in loaded.warnings:
         log.warning("%s", warning)

@@ -178,6 +178,11 @@ def test_the_daemons_state_is_private_and_a_truncated_store_is_reported() -> Non
         )
         assert stat.S_IMODE(storage.stat().st_mode) == 0o700
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        # The daemon's umask is the unit's UMask=, 0077; the socket's directory, which it
+        # creates, is still 0755, so that every user can reach the socket.
+        status = Path(f"/proc/{d.proc.pid}/status").read_text()
+        assert "\nUmask:\t0077\n" in status
+        assert stat.S_IMODE(d.socket_path.parent.stat().st_mode) == 0o755
     finally:
         assert d.stop() == 0
     (storage / "0.sqlite").write_bytes(b"")

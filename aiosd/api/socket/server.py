@@ -81,6 +81,19 @@ def peer_caller(sock: socket.socket) -> Caller:
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0755 whatever the umask (the daemon's is
+    0077), so that every user can reach the socket; existing ones are left as they are."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, 0o755)
+
+
 def _encode(obj: dict[str, Any]) -> bytes:
     try:
         return _to_json(obj).encode() + b"\n"
@@ -190,7 +203,7 @@ class SocketServer:
         log.info("listening on %s%s", self.path, " (socket activation)" if self.activated else "")
 
     def _bind(self) -> socket.socket:
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        _make_dirs(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(self.path.lstat().st_mode):
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
