@@ -393,6 +393,11 @@ def test_bad_arguments_get_named_errors_and_the_daemon_keeps_serving(
     )
     assert "org.aiosd.Daemon1.Error.InvalidArgs" in stream_key.stderr
     assert "StartChat" in stream_key.stderr
+    # A method that does not stream has no Start twin to point to.
+    get = [*chat[:-1], "org.aiosd.Daemon1.Storage.Get", "'notes'", "'k'", "{'stream': <true>}"]
+    no_twin = gdbus(private_bus, *get)
+    assert "options.stream: not an option on D-Bus" in no_twin.stderr
+    assert "Start" not in no_twin.stderr
     bad_role = gdbus(private_bus, *chat, "[{'role': <'robot'>, 'content': <'hi'>}]", "{}")
     assert "org.aiosd.Daemon1.Error.InvalidArgs" in bad_role.stderr
     assert "messages.0.role" in bad_role.stderr
@@ -403,7 +408,7 @@ def test_bad_arguments_get_named_errors_and_the_daemon_keeps_serving(
             client.call(
                 "llm.chat", {"messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]}
             )
-        for out in (unknown_key, stream_key, bad_role):
+        for out in (unknown_key, stream_key, no_twin, bad_role):
             assert "Traceback" not in out.stderr and ".py" not in out.stderr
         assert client.call("system.status")["state"] == "running"
 

@@ -548,7 +548,7 @@ def _params(call: BusCall, bm: BusMethod) -> dict[str, Any]:
                 f"invalid params: options.{key}: not an option on D-Bus"
                 + (
                     f"; call Start{bm.name} to stream"
-                    if key == "stream" and not bm.starts_request
+                    if key == "stream" and bm.syscall.streams and not bm.starts_request
                     else ""
                 ),
                 data={"errors": [{"field": f"options.{key}", "message": "not allowed"}]},
