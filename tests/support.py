@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,20 @@ class Daemon:
             self.notify.close()
             self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def shared_daemon(prefix: str, slots: int = 1) -> Iterator[Daemon]:
+    """A daemon whose socket other users can reach (in a 0755 directory under /tmp),
+    stopped on leaving."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o755)
+    d = Daemon(directory, write_config(directory, slots=slots))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
 
 
 class RawClient:

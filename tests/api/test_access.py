@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import UnixUser, run_as
-from tests.support import Daemon, write_config
+from tests.support import Daemon, shared_daemon
 
 pytestmark = pytest.mark.e2e
 
@@ -28,14 +26,8 @@ print(s.makefile("rb").readline().decode(), end="")
 @pytest.fixture(scope="module")
 def open_daemon() -> Iterator[Daemon]:
     """A daemon whose socket other users can reach (a 0755 directory under /tmp)."""
-    directory = Path(tempfile.mkdtemp(prefix="aiosd-access-"))
-    directory.chmod(0o755)
-    d = Daemon(directory, write_config(directory, slots=1))
-    try:
-        d.wait_ready()
+    with shared_daemon("aiosd-access-") as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _call(

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import UnixUser, run_as
-from tests.support import Daemon, write_config
+from tests.support import Daemon, shared_daemon
 from tests.unit.test_audit import RECORD, parse
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +29,8 @@ print(json.dumps({{"pid": os.getpid(), "replies": [json.loads(replies.readline()
 @pytest.fixture(scope="module")
 def open_daemon() -> Iterator[Daemon]:
     """A daemon logging to stderr (a file here) whose socket other users can reach."""
-    directory = Path(tempfile.mkdtemp(prefix="aiosd-forgery-"))
-    directory.chmod(0o755)
-    d = Daemon(directory, write_config(directory, slots=1))
-    try:
-        d.wait_ready()
+    with shared_daemon("aiosd-forgery-") as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _send_as(user: UnixUser, daemon: Daemon, frames: list[dict[str, Any]]) -> tuple[int, list[Any]]:

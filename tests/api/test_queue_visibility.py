@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import UnixUser, run_as
-from tests.support import Daemon, RawClient, queue_of, story_request, wait_until, write_config
+from tests.support import (
+    Daemon,
+    RawClient,
+    queue_of,
+    shared_daemon,
+    story_request,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,14 +44,8 @@ print(s.makefile("rb").readline().decode(), end="")
 @pytest.fixture(scope="module")
 def open_daemon() -> Iterator[Daemon]:
     """A daemon with one slot whose socket other users can reach."""
-    directory = Path(tempfile.mkdtemp(prefix="aiosd-queue-"))
-    directory.chmod(0o755)
-    d = Daemon(directory, write_config(directory, slots=1))
-    try:
-        d.wait_ready()
+    with shared_daemon("aiosd-queue-") as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _queue_as(user: UnixUser, daemon: Daemon) -> dict[str, Any]:
