@@ -133,6 +133,40 @@ class MemoryConfig(_Section):
     pinned_budget_bytes: Annotated[int, Field(ge=0, le=1 << 40)] = 16 * 1024 * 1024
 
 
+class AgentsConfig(_Section):
+    """[agents]: agents, the processes of users that the daemon starts and watches."""
+
+    #: "auto": systemd transient units when systemd is PID 1, else subprocesses.
+    backend: Literal["auto", "systemd", "subprocess"] = "auto"
+    max_agents: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_agents_per_user: Annotated[int, Field(ge=1, le=100_000)] = 16
+    admin_reserved_agents: Annotated[int, Field(ge=0, le=99_999)] = 16
+    #: Finished agents whose record and logs are kept, per user (the oldest go first).
+    keep_finished_per_user: Annotated[int, Field(ge=0, le=100_000)] = 64
+    #: Bytes of stdout/stderr kept per agent (its log and one older part of the same size).
+    log_max_bytes: Annotated[int, Field(ge=4096, le=1 << 34)] = 256 * 1024
+    #: Seconds between SIGTERM and SIGKILL in agent.stop (and when the daemon stops).
+    stop_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    #: Limits of an agent that asks for none (0: none), and the most a user may ask for.
+    memory_max: Annotated[int, Field(ge=0, le=1 << 50)] = 1024 * 1024 * 1024
+    tasks_max: Annotated[int, Field(ge=0, le=1 << 22)] = 512
+    runtime_max: Annotated[float, Field(ge=0, le=1 << 31)] = 0.0
+    #: Seconds between two looks at each agent's memory, tasks and CPU (subprocess backend).
+    watch_interval: Annotated[float, Field(gt=0, le=60)] = 0.2
+    #: Installed agents (one directory with an agent.toml each) besides the users' own
+    #: ~/.local/share/aiosd/agents.
+    directories: list[str] = ["/usr/share/aiosd/agents", "/etc/aiosd/agents"]
+
+    @model_validator(mode="after")
+    def _reserve_leaves_room(self) -> AgentsConfig:
+        if self.admin_reserved_agents >= self.max_agents:
+            raise ValueError(
+                f"admin_reserved_agents ({self.admin_reserved_agents}) must be less than "
+                f"max_agents ({self.max_agents})"
+            )
+        return self
+
+
 class ShutdownConfig(_Section):
     """[shutdown]: seconds allowed for each stop stage."""
 
@@ -205,6 +239,7 @@ class Config(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     storage: StorageConfig = StorageConfig()
     memory: MemoryConfig = MemoryConfig()
+    agents: AgentsConfig = AgentsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     llm: LlmConfig = LlmConfig()
 

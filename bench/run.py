@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/run.py [--quick] [--commit REV] [--json FILE] [scenario ...]
 
-Scenarios: llm, rpc, idle, scale, omp, dbus, storage, fuzz, rss, hostile (default: all, in
-that order).  Every scenario compares the daemon with a baseline measured in the same run; see
-docs/benchmarks.md.
+Scenarios: llm, rpc, idle, scale, omp, dbus, storage, fuzz, rss, hostile, agents (default:
+all, in that order).  Every scenario compares the daemon with a baseline measured in the same
+run; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,19 @@ if __package__ in (None, ""):
 
 from bench.common import REPO, SOURCE_ENV, CpuWatch, Options, Report, loadavg  # noqa: E402
 
-NAMES = ("llm", "rpc", "idle", "scale", "omp", "dbus", "storage", "fuzz", "rss", "hostile")
+NAMES = (
+    "llm",
+    "rpc",
+    "idle",
+    "scale",
+    "omp",
+    "dbus",
+    "storage",
+    "fuzz",
+    "rss",
+    "hostile",
+    "agents",
+)
 
 
 def _git(*args: str) -> str:

@@ -66,6 +66,11 @@ def _ensure_user(name: str, groups: list[str]) -> UnixUser:
     if groups:
         subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
     pw = pwd.getpwnam(name)
+    # A home of their own, as a login user has (an agent starts in it by default).
+    home = Path(pw.pw_dir)
+    if not home.is_dir():
+        home.mkdir(mode=0o700, parents=True)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
     return UnixUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid))
 
 

@@ -385,4 +385,17 @@ def call_every_syscall(call: Any) -> set[str]:
     do("memory.update", {**mem, "pinned": True})
     do("memory.delete", mem)
     do("memory.clear", {"space": "reach"})
+    # An agent of nobody's (the callers here are root, who may name the owner; root never
+    # owns one).
+    agent = do("agent.spawn", {"argv": ["/bin/sleep", "30"], "cwd": "/", "user": "nobody"})
+    aid = {"aid": agent["aid"]}
+    do("agent.info", aid)
+    do("agent.list", {})
+    do("agent.suspend", aid)
+    do("agent.resume", aid)
+    do("agent.kill", {**aid, "signal": "CONT"})
+    do("agent.logs", {**aid, "tail": 5})
+    do("agent.stop", {**aid, "timeout": 1})
+    do("agent.wait", {**aid, "timeout": 5})
+    do("agent.available", {})
     return done

@@ -9,9 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from aiosd import __version__
-from aiosd.cli import data
+from aiosd.cli import agents, data
 from aiosd.cli.data import UsageError
-from aiosd.errors import AiosError, Busy, InvalidParams, PermissionDenied
+from aiosd.cli.exits import (
+    EXIT_CODES,
+    EXIT_DATAERR,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NOPERM,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    status_of,
+)
+from aiosd.errors import AiosError
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscalls import SYSCALLS
 from aiosd.paths import DEFAULT_SOCKET
@@ -21,23 +33,19 @@ from aiosd.sdk.client import (
     SyscallClient,
 )
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_DATAERR = 65  # the daemon rejected the request's parameters
-EXIT_UNAVAILABLE = 69  # the daemon cannot be reached
-EXIT_TEMPFAIL = 75  # the daemon is busy (queue full); try again later
-EXIT_NOPERM = 77  # permission denied
-
-EXIT_CODES = {
-    EXIT_OK: "success",
-    EXIT_FAILURE: "the daemon returned an error",
-    EXIT_USAGE: "usage error",
-    EXIT_DATAERR: "invalid parameters",
-    EXIT_UNAVAILABLE: "the daemon cannot be reached",
-    EXIT_TEMPFAIL: "the daemon is busy; try again later",
-    EXIT_NOPERM: "permission denied",
-}
+__all__ = [
+    "EXIT_CODES",
+    "EXIT_DATAERR",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOPERM",
+    "EXIT_OK",
+    "EXIT_TEMPFAIL",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 
 def _syscall_help() -> str:
@@ -98,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
     ask.add_argument("--session", help="keep the conversation under this name (memory)")
     data.add_parsers(sub, common)
+    agents.add_parsers(sub, common)
     return ap
 
 
@@ -218,6 +227,9 @@ def _check_input(args: argparse.Namespace) -> None:
         args.schema = data.json_object(args.schema, "--schema", from_file=True)
     if args.command == "call":
         args.params = data.json_object(args.params, "params", from_file=True)
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
 
 
 COMMANDS = {
@@ -244,18 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except DaemonUnreachable as exc:
         print(f"aiosctl: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return status_of(exc)
     except AiosError as exc:
         print(f"aiosctl: {exc.message}", file=sys.stderr)
-        if isinstance(exc, PermissionDenied):
-            return EXIT_NOPERM
-        if isinstance(exc, Busy):
-            return EXIT_TEMPFAIL
-        if isinstance(exc, InvalidParams):
-            return EXIT_DATAERR
-        return EXIT_FAILURE
+        return status_of(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # stdout closed early (aiosctl ask ... | head): not an error of ours.
         return EXIT_OK

@@ -11,13 +11,17 @@ from typing import Any
 
 from aiosd.config import Config
 from aiosd.errors import AiosError, ShuttingDown
+from aiosd.kernel.agents import Agent, AgentManager
+from aiosd.kernel.agents import Backend as AgentBackend
 from aiosd.kernel.dispatch import SyscallPath
+from aiosd.kernel.families.agent import AgentSyscalls
 from aiosd.kernel.families.llm import ChatService, LlmSyscalls
 from aiosd.kernel.families.memory import MemorySyscalls
 from aiosd.kernel.families.storage import StorageSyscalls
 from aiosd.kernel.families.system import State, SystemSyscalls
 from aiosd.kernel.llm.base import Backend
 from aiosd.kernel.llm.registry import Models, build_backend
+from aiosd.kernel.manifests import Manifests
 from aiosd.kernel.scheduler import Scheduler
 from aiosd.kernel.syscall_base import Emit, Syscall
 from aiosd.kernel.syscalls import SYSCALLS
@@ -75,6 +79,16 @@ class Kernel:
         self.memory = MemoryManager(self.storage, config.memory)
         #: The context manager (chat sessions), built on the memory manager.
         self.context = ContextManager(self.memory)
+        #: Agents: the processes of users the daemon starts and watches.
+        self.agents = AgentManager(
+            config.agents,
+            config.state_dir(),
+            agent_backend(config),
+            lambda: str(self.config.socket_path()),
+        )
+        self.manifests = Manifests(config.agents.directories)
+        self.agents.listeners.append(self._agent_changed)
+        self._cleanups: set[asyncio.Task[None]] = set()
         self.state: State = "starting"
         self.started_at = time.monotonic()
         self.pid = os.getpid()  # a syscall each time otherwise; the daemon never forks
@@ -88,13 +102,17 @@ class Kernel:
             self.syscalls,
             {
                 LlmSyscalls: LlmSyscalls(
-                    ChatService(self.models, self.scheduler, self.context), self.models
+                    ChatService(self.models, self.scheduler, self.context, self.agents),
+                    self.models,
                 ),
                 SystemSyscalls: SystemSyscalls(self, self.scheduler, self.models, self.access),
                 StorageSyscalls: StorageSyscalls(
                     self.storage, self.users, lambda: self.config.storage.max_value_bytes
                 ),
                 MemorySyscalls: MemorySyscalls(self.memory, self.access),
+                AgentSyscalls: AgentSyscalls(
+                    self.agents, self.manifests, self.users, self.access, lambda: self.config.agents
+                ),
                 **(families or {}),
             },
         )
@@ -116,6 +134,7 @@ class Kernel:
 
     async def start(self) -> None:
         """Load or connect every model; the kernel is usable when this returns."""
+        await self.agents.open()
         for name, backend in self.backends.items():
             await backend.start()
             self.scheduler.add_model(name, backend.slots)
@@ -157,6 +176,10 @@ class Kernel:
             needs_restart.append("daemon")
         self.access.configure(config.access, *await self._access_gids(config))
         self.memory.configure(config.memory)
+        if config.agents.backend != self.config.agents.backend:
+            needs_restart.append("agents")
+        self.agents.configure(config.agents)
+        self.manifests.directories = Manifests(config.agents.directories).directories
         self.scheduler.set_queue_size(
             config.scheduler.queue_size, config.scheduler.max_queued_per_user
         )
@@ -196,6 +219,9 @@ class Kernel:
 
     async def stop(self, drain_timeout: float, close_timeout: float) -> None:
         """Refuse new work, let running generations finish for ``drain_timeout``, then cancel."""
+        # Agents first, while the kernel still serves them: told to stop (SIGTERM), they may
+        # still save their work through their syscalls.
+        await self.agents.close(self.config.agents.stop_timeout)
         self._set_state("stopping")
         self.scheduler.close()
         pending = {t for t in self._inflight if not t.done()}
@@ -237,6 +263,8 @@ class Kernel:
         """
         if self.state == "stopping":
             raise ShuttingDown("the daemon is stopping and takes no new requests")
+        if caller.aid is not None:
+            self.agents.count_syscall(caller.aid)
         out = self._path.run(name, params, caller, emit)
         loop = asyncio.get_running_loop()
         if isinstance(out, dict):
@@ -255,6 +283,23 @@ class Kernel:
         if caller.session is not None and self.state != "stopping":
             await self.memory.drop_session(caller.uid, caller.session)
 
+    def _agent_changed(self, agent: Agent) -> None:
+        """A running agent's space holds at most its memory_budget; an agent that has ended
+        leaves its short-term memory as a closed session does: unpinned entries go, pinned
+        ones stay (in storage, under its space's name)."""
+        if agent.live:
+            if agent.memory_budget:
+                self.memory.set_budget(agent.uid, agent.space(), agent.memory_budget)
+            return
+        self.memory.set_budget(agent.uid, agent.space(), None)
+        if self.state == "stopping":
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.memory.drop_session(agent.uid, agent.space())
+        )
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=."""
         running, waiting = self.scheduler.totals()
@@ -262,6 +307,23 @@ class Kernel:
             f"{len(self.backends)} model(s), {running} running, {waiting} waiting, "
             f"{self.connections} connection(s)"
         )
+
+
+def agent_backend(config: Config) -> AgentBackend:
+    """The backend ``[agents] backend`` names; "auto": systemd when it is PID 1."""
+    from aiosd.osbridge.agents_subprocess import SubprocessBackend
+
+    choice = config.agents.backend
+    if choice == "auto":
+        choice = "systemd" if os.path.isdir("/run/systemd/system") else "subprocess"
+    if choice == "systemd":
+        try:
+            from aiosd.osbridge.agents_systemd import SystemdBackend
+        except ImportError as exc:
+            log.warning("agents: the systemd backend cannot be used (%s): subprocess", exc)
+        else:
+            return SystemdBackend(config.agents, config.state_dir() / "agents")
+    return SubprocessBackend(config.agents, config.state_dir() / "agents")
 
 
 async def _closing(step: Callable[[], Awaitable[Any]], timeout: float, what: str) -> None:

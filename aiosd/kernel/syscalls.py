@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from aiosd.kernel.families.agent import AgentSyscalls
 from aiosd.kernel.families.llm import LlmSyscalls
 from aiosd.kernel.families.memory import MemorySyscalls
 from aiosd.kernel.families.storage import StorageSyscalls
@@ -16,6 +17,6 @@ from aiosd.kernel.families.system import SystemSyscalls
 from aiosd.kernel.syscall_base import Syscall, declared
 
 #: Every family, in the order the table (and so the docs and the bus) lists them.
-FAMILIES = (LlmSyscalls, SystemSyscalls, StorageSyscalls, MemorySyscalls)
+FAMILIES = (LlmSyscalls, SystemSyscalls, StorageSyscalls, MemorySyscalls, AgentSyscalls)
 
 SYSCALLS: MappingProxyType[str, Syscall] = MappingProxyType(declared(*FAMILIES))

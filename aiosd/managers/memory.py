@@ -494,7 +494,18 @@ class MemoryManager:
         #: Locks of users with a call in progress or waiting; a free lock holds no state, so
         #: it is dropped and the table never outgrows the calls under way.
         self._locks: dict[int, _UserLock] = {}
+        #: Bytes some spaces may hold at most, below [memory] max_bytes_per_space: an agent's
+        #: space has its memory_budget (by (uid, space); set while the agent runs).
+        self._budgets: dict[tuple[int, str], int] = {}
         self._warn_pinned_budget()
+
+    def set_budget(self, uid: int, space: str, limit: int | None) -> None:
+        """Bound what ``space`` of ``uid`` holds to ``limit`` bytes (None or 0: only by the
+        [memory] limits); applies from its next write on."""
+        if limit:
+            self._budgets[(uid, space)] = limit
+        else:
+            self._budgets.pop((uid, space), None)
 
     def configure(self, cfg: MemoryConfig) -> None:
         """Apply new [memory] settings; smaller budgets take effect at the next write."""
@@ -1043,6 +1054,7 @@ class MemoryManager:
         """
         cfg, k = self.cfg, self.cfg.lru_k
         uid, out_of_reach = sp.uid, call.unstorable
+        budget = self._budgets.get((uid, sp.name))
         held = self._held[uid]
 
         def of(owner: int) -> Iterator[lruk.Candidate[_Ref]]:
@@ -1068,14 +1080,17 @@ class MemoryManager:
             k=k,
             limits=lruk.Limits(
                 cfg.max_entries_per_space,
-                cfg.max_bytes_per_space,
+                min(cfg.max_bytes_per_space, budget or cfg.max_bytes_per_space),
                 cfg.max_bytes_per_user,
                 cfg.budget_bytes,
             ),
             keep={_ref(sp, keep)},
         )
         if isinstance(out, lruk.Refusal):
-            raise _refused("memory." + out.limit, out.value, out.needed, bool(out_of_reach))
+            name = "memory." + out.limit
+            if budget and out.limit == "max_bytes_per_space" and budget < cfg.max_bytes_per_space:
+                name = "agent memory_budget"
+            raise _refused(name, out.value, out.needed, bool(out_of_reach))
         victims = []
         for c in out:
             owner, name, id_ = c.key

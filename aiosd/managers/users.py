@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
+from aiosd.osbridge.executor import UnixAccount
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -101,6 +103,11 @@ class UserDirectory:
         """The gid of group ``name``, or None if there is no such group; ``fresh`` asks NSS
         even when an answer is cached (a reload must see a group made a moment ago)."""
         return await self._lookup("gid", name, _gid, fresh)
+
+    async def account(self, uid: int) -> UnixAccount:
+        """The account of ``uid`` as of now (groups included: never cached, a user's groups
+        change); NotFound if there is none."""
+        return await self._lookup("account", uid, UnixAccount.of, fresh=True)
 
     async def group_name(self, gid: int) -> str | None:
         """The name of group ``gid``, or None if it has none."""

@@ -419,11 +419,21 @@ def test_bad_arguments_get_named_errors_and_the_daemon_keeps_serving(
 def test_every_syscall_is_reachable_over_dbus(private_bus: PrivateBus, bus_daemon: Daemon) -> None:
     with BusClient(private_bus.address) as client:
         assert call_every_syscall(client.call) == set(SYSCALLS)
-        for name, spec in SYSCALLS.items():
-            if spec.streams:
-                params = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-                notes = list(client.stream(name, params))
-                assert notes and client.last_result
+        program = "sleep 0.5; echo one; echo two"
+        streamed = {
+            "llm.chat": lambda: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            "agent.logs": lambda: {
+                "aid": client.call(
+                    "agent.spawn",
+                    {"argv": ["/bin/sh", "-c", program], "cwd": "/", "user": "nobody"},
+                )["aid"],
+                "tail": 0,
+            },
+        }
+        assert {name for name, spec in SYSCALLS.items() if spec.streams} == set(streamed)
+        for name, params in streamed.items():
+            notes = list(client.stream(name, params()))
+            assert notes and client.last_result
 
 
 def test_documented_desktop_client_example_runs(

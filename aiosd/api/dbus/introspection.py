@@ -179,6 +179,39 @@ def request_xml() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Properties of an agent object: name → (D-Bus type, whether it changes).  None of them is
+#: ever missing: ``Pid`` is 0 while the agent has no process (D-Bus has no null).
+AGENT_PROPERTIES = {
+    "Aid": ("s", False),
+    "State": ("s", True),
+    "Owner": ("s", False),
+    "Uid": ("u", False),
+    "Pid": ("u", False),
+    "Label": ("s", False),
+}
+
+
+def agent_xml() -> str:
+    """Introspection XML of an agent object."""
+    lines = ["<node>", f"  <interface name={quoteattr(names.AGENT_INTERFACE)}>"]
+    for prop, (sig, changes) in AGENT_PROPERTIES.items():
+        lines += [
+            f'    <property name={quoteattr(prop)} type={quoteattr(sig)} access="read">',
+            '      <annotation name="org.freedesktop.DBus.Property.EmitsChangedSignal"'
+            f" value={quoteattr('true' if changes else 'const')}/>",
+            "    </property>",
+        ]
+    lines += [
+        '    <signal name="StateChanged">',
+        _arg("state", "s"),
+        _arg("reason", "s"),
+        "    </signal>",
+        "  </interface>",
+        "</node>",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 #: The interfaces every object has besides its own, as the D-Bus specification declares them.
 _STANDARD_XML = f"""  <interface name="{names.DBUS_INTROSPECTABLE}">
     <method name="Introspect">
@@ -215,6 +248,20 @@ def request_introspection() -> str:
     )
 
 
+def agent_introspection() -> str:
+    """What ``Introspect`` gives those who may see an agent object (its owner, administrators;
+    to everyone else there is nothing at its path)."""
+    return (
+        _DOCTYPE
+        + "<node>\n"
+        + _STANDARD_XML
+        + _inner(properties.XML)
+        + _inner(agent_xml())
+        + "</node>\n"
+    )
+
+
 if __name__ == "__main__":  # python -m aiosd.api.dbus.introspection: print the XML for docs
     print(manager_xml())
     print(request_xml())
+    print(agent_xml())

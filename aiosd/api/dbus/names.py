@@ -15,6 +15,8 @@ def system_bus_address() -> str:
 BUS_NAME = "org.aiosd.Daemon1"
 OBJECT_PATH = "/org/aiosd/Daemon1"
 REQUEST_PATH_PREFIX = OBJECT_PATH + "/request"
+#: Agent objects: ``AGENT_PATH_PREFIX/<aid>``, one per live agent.
+AGENT_PATH_PREFIX = OBJECT_PATH + "/agent"
 
 INTERFACE_PREFIX = "org.aiosd.Daemon1."
 #: One interface on the manager object per syscall family.
@@ -23,9 +25,12 @@ FAMILY_INTERFACES = {
     "system": INTERFACE_PREFIX + "System",
     "storage": INTERFACE_PREFIX + "Storage",
     "memory": INTERFACE_PREFIX + "Memory",
+    "agent": INTERFACE_PREFIX + "Agent",
 }
 #: The interface of request objects (long operations such as a streaming chat).
 REQUEST_INTERFACE = INTERFACE_PREFIX + "Request"
+#: The interface of agent objects (the ``agent.*`` methods are the manager's ``...Agent``).
+AGENT_INTERFACE = INTERFACE_PREFIX + "AgentObject"
 #: Where the manager's properties live.
 PROPERTIES_INTERFACE = FAMILY_INTERFACES["system"]
 
@@ -59,3 +64,8 @@ def family_interface(syscall: str) -> str:
     family = syscall.split(".", 1)[0]
     # A family of a table a test injects has no entry: its name is derived the same way.
     return FAMILY_INTERFACES.get(family) or INTERFACE_PREFIX + family.capitalize()
+
+
+def agent_path(aid: str) -> str:
+    """The object of agent ``aid`` (an AID is lowercase hex: a valid path element)."""
+    return f"{AGENT_PATH_PREFIX}/{aid}"

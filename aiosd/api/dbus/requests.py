@@ -101,7 +101,13 @@ class RequestObject:
             self._remove()
 
     async def emit_token(self, note: dict[str, Any]) -> None:
-        """A streamed piece of the answer (called by the kernel for each notification)."""
+        """A streamed piece of the answer (called by the kernel for each notification).
+
+        A notification that only counts lines dropped for a slow follower (``agent.logs``)
+        is no piece of the answer: the count arrives in the result (``dropped``).
+        """
+        if "dropped" in note:
+            return
         content = str(note.get("content", ""))
         if "\x00" in content:
             # GLib would cut the token at the NUL: the generation fails instead.

@@ -10,7 +10,8 @@ objects before GDBus would dispatch it and hands it to the GLib thread (:mod:`.c
 answers only what holds nothing of anyone's: ``Introspect`` and ``Peer`` on the manager
 object (registered with GDBus, with no handler, for that alone), and every call to a path
 where nothing is that the caller may see, which is where another connection's request
-objects are: those are registered nowhere, so no one else can tell them from nothing.
+objects and other users' agent objects are: those are registered nowhere, so no one else can
+tell them from nothing.
 Nothing goes through GLib's closure-based registration, which keeps every call's invocation
 alive for good (:mod:`.calls`).
 
@@ -20,6 +21,14 @@ role get the manager's introspection and nothing else.
 Identity comes from the bus (``GetConnectionCredentials``: uid, pid, groups) and becomes the
 same :class:`Caller` the socket builds from SO_PEERCRED.  Signals that carry a user's data
 (tokens, results, request objects appearing) are unicast to the requesting connection.
+
+Agent objects (:mod:`.agents`) are seen by their owner and administrators only.  Whose a
+connection is, the front-end knows once it has answered a call of it (the credentials it
+looked up then, kept per sender): an agent's signals are unicast to each such connection of
+its owner's uid and of administrators.  A call on an agent's path from a connection not known
+yet is taken, whether or not an object is there, and decided once its credentials are known;
+a caller who may not see what is there gets exactly GDBus's answer for a path where nothing is
+(the front-end asks GDBus itself, with the same call sent to its own connection).
 
 If the bus goes away, the daemon keeps serving its socket and reconnects with backoff, then
 registers its objects and owns its name again.
@@ -41,7 +50,7 @@ import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd import __version__
-from aiosd.api.dbus import names, properties
+from aiosd.api.dbus import agents, names, properties
 from aiosd.api.dbus.calls import BusCall
 from aiosd.api.dbus.codec import params_from_bus, result_body
 from aiosd.api.dbus.introspection import (
@@ -55,6 +64,7 @@ from aiosd.api.dbus.limits import CallLimits
 from aiosd.api.dbus.requests import RequestObject
 from aiosd.config import DBusConfig
 from aiosd.errors import AiosError, BackendUnavailable, InternalError, InvalidParams, ShuttingDown
+from aiosd.kernel.agents import Agent
 from aiosd.kernel.kernel import Kernel
 from aiosd.kernel.syscall_base import Emit
 from aiosd.managers.access import Caller, Role
@@ -106,6 +116,7 @@ class DBusFrontend:
         self._waiting: dict[str, list[tuple[BusCall, Callable[[Caller], None]]]] = {}
         self._inflight: dict[str, set[concurrent.futures.Future[Any]]] = {}
         self.requests: dict[str, RequestObject] = {}
+        self.agent_objects = agents.AgentObjects()
         #: Replaced whole (never changed in place) by the asyncio thread; the GLib thread reads
         #: it once per call, so it always sees one consistent set.
         self._props: dict[str, object] = {}
@@ -118,15 +129,23 @@ class DBusFrontend:
         self._thread = threading.Thread(target=self._mainloop.run, name="glib", daemon=True)
         self._thread.start()
         self._refresh_properties(emit=False)
+        # The agents running now have their objects before the name is ours; from here on the
+        # manager tells of every change (nothing runs on the loop in between).
+        for a in self.kernel.agents.visible(0, admin=True):
+            if a.live:
+                self.agent_objects.update(a)
+        self.kernel.agents.listeners.append(self._agent_changed)
         try:
             await asyncio.wrap_future(self._in_glib(self._connect))
         except GLib.Error as exc:
+            self._unlisten()
             await self._halt()
             raise BackendUnavailable(
                 f"cannot use the D-Bus bus at {self.address}: {exc.message}; start the bus "
                 "(systemctl start dbus), or run aiosd with --no-dbus"
             ) from None
         except Exception:
+            self._unlisten()
             await self._halt()
             raise
         self.kernel.listeners.append(self._kernel_changed)
@@ -142,8 +161,14 @@ class DBusFrontend:
         self._stopping = True
         if self._kernel_changed in self.kernel.listeners:
             self.kernel.listeners.remove(self._kernel_changed)
+        self._unlisten()
         await asyncio.wrap_future(self._in_glib(self._teardown))
         await self._halt()
+        self.agent_objects.clear()
+
+    def _unlisten(self) -> None:
+        if self._agent_changed in self.kernel.agents.listeners:
+            self.kernel.agents.listeners.remove(self._agent_changed)
 
     def pending(self) -> list[str]:
         """What is still running for bus clients, by sender, for a stop that waits on it."""
@@ -304,6 +329,17 @@ class DBusFrontend:
                 req = self.requests.get(path)
                 if req is None or req.owner != message.get_sender():
                     return message  # to GDBus, as for any path where nothing is
+            elif path is not None and path.startswith(names.AGENT_PATH_PREFIX + "/"):
+                sender = message.get_sender()
+                if sender is None or sender == con.get_unique_name():
+                    return message  # the front-end's own question: what GDBus answers here
+                caller = self._callers.get(sender)  # one get: safe beside the GLib thread
+                if caller is not None:
+                    view = self.agent_objects.get(path)
+                    if view is None or not self._may_see(caller, view.uid):
+                        return message  # to GDBus, as for any path where nothing is
+                # A sender not known yet: taken whether or not an object is there (the same
+                # work, the same time either way), and decided once its credentials are known.
             else:
                 return message
             GLib.idle_add(self._on_message, con, message, priority=GLib.PRIORITY_DEFAULT)
@@ -316,6 +352,8 @@ class DBusFrontend:
         try:
             if call.path == names.OBJECT_PATH:
                 self._manager_call(call)
+            elif call.path.startswith(names.AGENT_PATH_PREFIX + "/"):
+                self._agent_call(call)
             else:
                 self._request_call(call)
         except Exception as exc:
@@ -337,7 +375,7 @@ class DBusFrontend:
                 self._with_role(call, lambda _caller: self._properties_call(call))
         elif iface == names.OBJECT_MANAGER and member == "GetManagedObjects":
             if call.checked(""):
-                self._with_role(call, lambda _caller: self._managed_objects(call))
+                self._with_role(call, lambda caller: self._managed_objects(call, caller))
         elif iface in self._interfaces or iface in (names.DBUS_PROPERTIES, names.OBJECT_MANAGER):
             call.return_dbus_error(names.DBUS_UNKNOWN_METHOD, f"no method {iface}.{member}")
         else:
@@ -352,6 +390,53 @@ class DBusFrontend:
             call.return_dbus_error(names.DBUS_UNKNOWN_OBJECT, f"no object at {call.path}")
             return
         req.handle(call)
+
+    def _agent_call(self, call: BusCall) -> None:
+        def answer(caller: Caller) -> None:
+            view = self.agent_objects.get(call.path)
+            if view is None or not self._may_see(caller, view.uid):
+                self._as_if_nothing(call)
+            else:
+                agents.handle(call, view)
+
+        self._with_caller(call, answer)
+
+    def _may_see(self, caller: Caller, uid: int) -> bool:
+        """Whether ``caller`` may see an agent of ``uid``'s (its owner with a role, or an
+        administrator): as the agent.* syscalls decide."""
+        role = self.kernel.access.role(caller)
+        return role is Role.admin or (role is Role.user and caller.uid == uid)
+
+    def _as_if_nothing(self, call: BusCall) -> None:
+        """Answer ``call`` exactly as GDBus answers it at a path where nothing is: ask GDBus,
+        with the same call sent to the daemon's own connection (the filter lets it through)."""
+        if call.message.get_flags() & Gio.DBusMessageFlags.NO_REPLY_EXPECTED:
+            call.return_value(None)  # nothing is sent
+            return
+        con = call.con
+        question = Gio.DBusMessage.new_method_call(
+            con.get_unique_name(), call.path, call.interface, call.member
+        )
+        if call.message.get_body() is not None:
+            question.set_body(call.message.get_body())
+
+        def answered(con: Gio.DBusConnection, result: Gio.AsyncResult, _data: Any = None) -> None:
+            try:
+                reply = con.send_message_with_reply_finish(result)
+            except GLib.Error as exc:
+                log.debug("D-Bus: no answer from GDBus for %s: %s", call.path, exc.message)
+                call.return_dbus_error(names.DBUS_UNKNOWN_METHOD, f"no object at {call.path}")
+                return
+            body = reply.get_body()
+            if reply.get_message_type() == Gio.DBusMessageType.ERROR:
+                text = body.get_child_value(0).get_string() if body is not None else ""
+                call.return_dbus_error(reply.get_error_name() or names.DBUS_UNKNOWN_METHOD, text)
+            else:
+                call.return_value(body)
+
+        con.send_message_with_reply(
+            question, Gio.DBusSendMessageFlags.NONE, -1, None, answered, None
+        )
 
     def _syscall(self, call: BusCall, bm: BusMethod) -> None:
         if not self._accepting:
@@ -460,7 +545,7 @@ class DBusFrontend:
                 del self._waiting[sender]
             try:
                 creds = con.call_finish(result).unpack()[0]
-                caller = _caller_from(creds, sender)
+                caller = _caller_from(creds, sender, self.kernel.agents.identify)
             except Exception as exc:
                 log.warning("D-Bus: cannot get the credentials of %s: %s", sender, exc)
                 for waiter, _then in waiters:
@@ -499,14 +584,44 @@ class DBusFrontend:
         }
         properties.answer(call, call.member, call.params, interfaces)
 
-    def _managed_objects(self, call: BusCall) -> None:
-        # Only the caller's own requests: other users' work is not theirs to see.
+    def _managed_objects(self, call: BusCall, caller: Caller) -> None:
+        # Only the caller's own requests and the agents it may see: other users' work is not
+        # theirs to see.
         objects = {
             path: {names.REQUEST_INTERFACE: req.properties()}
             for path, req in list(self.requests.items())
             if req.owner == call.sender
         }
+        for view in self.agent_objects.views():
+            if self._may_see(caller, view.uid):
+                objects[view.path] = {names.AGENT_INTERFACE: view.properties()}
         call.return_value(GLib.Variant("(a{oa{sa{sv}}})", (objects,)))
+
+    # --- agents (asyncio side, then the GLib thread) --------------------------------------
+
+    def _agent_changed(self, agent: Agent) -> None:
+        """The agent manager's listener (event loop): the object changes at once, before
+        the call that changed it is answered; its signals leave from the GLib thread, where
+        the connections the front-end knows are kept."""
+        view, signals = self.agent_objects.update(agent)
+        if signals:
+            GLib.idle_add(
+                self._send_agent_signals, view.uid, signals, priority=GLib.PRIORITY_DEFAULT
+            )
+
+    def _send_agent_signals(self, uid: int, signals: list[agents.Signal]) -> bool:
+        """Unicast an agent's signals to each known connection that may see it (GLib thread)."""
+        if not self.connected:
+            return False
+        con = self._bus.con
+        audience = [sender for sender, c in self._callers.items() if self._may_see(c, uid)]
+        for sig in signals:
+            for sender in audience:
+                try:
+                    con.emit_signal(sender, sig.path, sig.interface, sig.name, sig.args)
+                except GLib.Error as exc:  # the bus went away: nobody to tell
+                    log.debug("signal %s.%s not sent: %s", sig.interface, sig.name, exc.message)
+        return False
 
     # --- properties (asyncio side) --------------------------------------------------------
 
@@ -574,8 +689,11 @@ def _typed(props: Mapping[str, object]) -> dict[str, GLib.Variant]:
 NO_GID = -1
 
 
-def _caller_from(creds: Mapping[str, Any], sender: str) -> Caller:
-    """The caller a bus connection's credentials (``GetConnectionCredentials``) stand for."""
+def _caller_from(
+    creds: Mapping[str, Any], sender: str, identify: Callable[[int, int], str | None]
+) -> Caller:
+    """The caller a bus connection's credentials (``GetConnectionCredentials``) stand for;
+    ``identify(pid, uid)`` is the agent the connecting process is part of, if any."""
     uid = int(creds["UnixUserID"])
     pid = int(creds.get("ProcessID", 0))
     groups = frozenset(int(g) for g in creds.get("UnixGroupIDs", []))
@@ -592,6 +710,7 @@ def _caller_from(creds: Mapping[str, Any], sender: str) -> Caller:
         pid=pid,
         groups=groups,
         session=f"bus{sender.replace(':', '-')}",
+        aid=identify(pid, uid) if pid > 0 else None,
     )
 
 

@@ -299,7 +299,10 @@ class SocketServer:
         self._connections.add(conn)
         self._per_uid[peer.uid] += 1
         self._count_connections()
-        return dataclasses.replace(peer, session=session)
+        # Once per connection: which agent (if any) the connecting process is part of, from
+        # its ancestry or cgroup as the kernel has it.
+        aid = self.kernel.agents.identify(peer.pid, peer.uid)
+        return dataclasses.replace(peer, session=session, aid=aid)
 
     def _release(self, conn: _Connection) -> None:
         if conn in self._connections and conn.caller is not None:

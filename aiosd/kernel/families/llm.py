@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from aiosd.errors import AiosError, Cancelled
+from aiosd.kernel.agents import AgentManager
 from aiosd.kernel.llm.base import ChatRequest
 from aiosd.kernel.llm.registry import Models
 from aiosd.kernel.scheduler import Priority, Scheduler
@@ -129,10 +130,18 @@ class ModelsResult(Result):
 class ChatService:
     """One generation from request to result: fit the session, queue, run on a slot, stream."""
 
-    def __init__(self, models: Models, scheduler: Scheduler, context: ContextManager) -> None:
+    def __init__(
+        self,
+        models: Models,
+        scheduler: Scheduler,
+        context: ContextManager,
+        agents: AgentManager | None = None,
+    ) -> None:
         self.models = models
         self.scheduler = scheduler
         self.context = context
+        #: An agent's requests are queued at most at its class, and its tokens counted.
+        self.agents = agents
         #: One prompt preparation (tokenizing) in flight per user: the tokenizer's thread
         #: then holds at most one job of each user, so users take turns at it.
         self._preparing: dict[int, tuple[asyncio.Lock, list[int]]] = {}
@@ -190,7 +199,11 @@ class ChatService:
         tool_calls: list[dict[str, Any]] = []
         first_token: float | None = None
         final = None
-        async with self.scheduler.slot(backend.name, caller.uid, caller.pid, p.priority) as ticket:
+        priority = p.priority
+        agent = self.agents.agent_of(caller.aid) if self.agents is not None else None
+        if agent is not None and Priority(agent.priority).rank > priority.rank:
+            priority = Priority(agent.priority)
+        async with self.scheduler.slot(backend.name, caller.uid, caller.pid, priority) as ticket:
             started = time.monotonic()
             seq = 0
             async with contextlib.aclosing(backend.chat(prepared, ticket.slot or 0)) as chunks:
@@ -212,6 +225,8 @@ class ChatService:
         if final is None:
             raise Cancelled(f"the generation on model {backend.name!r} ended without finishing")
         content = "".join(parts)
+        if agent is not None and self.agents is not None:
+            self.agents.count_tokens(agent.aid, final.prompt_tokens, final.completion_tokens)
         if p.session is not None:
             try:
                 await self.context.record(caller.uid, p.session, messages, content)

@@ -1,4 +1,4 @@
-"""The ``memory.*`` syscalls: short-term memory, by default the caller's session's.
+"""The ``memory.*`` syscalls: short-term memory, by default the caller's agent's or session's.
 
 Every bound of short-term memory is the memory manager's (docs/storage.md, "Memory"); a write
 beyond one is refused with QuotaExceeded naming the setting.  Administrators are told apart
@@ -11,6 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, model_validator
 
+from aiosd.kernel.agents import agent_space
 from aiosd.kernel.syscall_base import Emit, Params, Result, syscall
 from aiosd.managers.access import AccessManager, Caller, Permission, Role
 from aiosd.managers.memory import MemoryManager
@@ -125,8 +126,12 @@ class ClearResult(Result):
 
 
 def _space(space: str | None, c: Caller) -> str:
-    """The space named, else the caller's session, else ``default``."""
-    return space or c.session or "default"
+    """The space named, else the caller's agent's, else its session's, else ``default``."""
+    if space:
+        return space
+    if c.aid is not None:
+        return agent_space(c.aid)
+    return c.session or "default"
 
 
 class MemorySyscalls:

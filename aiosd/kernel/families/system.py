@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel
 
 from aiosd import __version__
+from aiosd.kernel.agents import AgentManager
 from aiosd.kernel.llm.registry import Models
 from aiosd.kernel.scheduler import Priority, QueueView, Scheduler
 from aiosd.kernel.syscall_base import Emit, NoParams, Result, syscall
@@ -86,6 +87,10 @@ class StatusResult(Result):
     connections: int
     caller_uid: int
     caller_role: str
+    #: The agent the calling process is part of, as the daemon sees it (never as it says).
+    caller_aid: str | None
+    agents_backend: str
+    agents_running: int
 
 
 class DaemonState(Protocol):
@@ -106,6 +111,10 @@ class DaemonState(Protocol):
     @property
     def connections(self) -> int:
         """Open socket connections (bus clients share the daemon's one bus connection)."""
+
+    @property
+    def agents(self) -> AgentManager:
+        """The agents."""
 
 
 class SystemSyscalls:
@@ -142,6 +151,9 @@ class SystemSyscalls:
             connections=d.connections,
             caller_uid=c.uid,
             caller_role=self.access.role(c).value,
+            caller_aid=c.aid,
+            agents_backend=d.agents.backend.name,
+            agents_running=d.agents.counts()[0],
         )
 
     @syscall(

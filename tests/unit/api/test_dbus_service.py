@@ -157,6 +157,10 @@ def test_an_empty_interface_name_stands_for_every_interface() -> None:
 # --- the caller's identity --------------------------------------------------------------------
 
 
+def _no_agents(pid: int, uid: int) -> str | None:
+    return None
+
+
 def _creds(uid: int, pid: int, groups: list[int]) -> dict[str, Any]:
     return {"UnixUserID": uid, "ProcessID": pid, "UnixGroupIDs": groups}
 
@@ -175,17 +179,17 @@ def test_the_proc_gid_counts_only_while_the_pid_is_still_the_bus_uids(
     proc: dict[int, ProcessIds],
 ) -> None:
     proc[40] = ProcessIds(1234, frozenset(), (1000, 1000))
-    assert _caller_from(_creds(1000, 40, [100, 1000]), ":1.4").gid == 1234
+    assert _caller_from(_creds(1000, 40, [100, 1000]), ":1.4", _no_agents).gid == 1234
     # The pid now belongs to another user's process (reused), or runs setuid: not trusted.
     proc[41] = ProcessIds(0, frozenset({0}), (0, 0))
     proc[42] = ProcessIds(0, frozenset(), (1000, 0))
     for pid in (41, 42, 43):  # 43: gone
-        caller = _caller_from(_creds(1000, pid, [1000, 100]), ":1.4")
+        caller = _caller_from(_creds(1000, pid, [1000, 100]), ":1.4", _no_agents)
         assert caller.gid == 100 and caller.groups == {100, 1000}, pid
 
 
 def test_no_gid_at_all_is_a_gid_that_matches_nothing(proc: dict[int, ProcessIds]) -> None:
-    caller = _caller_from(_creds(1000, 43, []), ":1.4")
+    caller = _caller_from(_creds(1000, 43, []), ":1.4", _no_agents)
     assert caller.gid == NO_GID != 1000  # never the uid taken for a gid
     assert not any(caller.in_group(g) for g in (0, 1000, 65534))
     access = AccessManager(AccessConfig())
@@ -194,9 +198,11 @@ def test_no_gid_at_all_is_a_gid_that_matches_nothing(proc: dict[int, ProcessIds]
 
 
 def test_the_callers_own_process_gives_its_gid_from_proc() -> None:
-    mine = _caller_from(_creds(os.getuid(), os.getpid(), [os.getegid() + 1]), ":1.4")
+    mine = _caller_from(_creds(os.getuid(), os.getpid(), [os.getegid() + 1]), ":1.4", _no_agents)
     assert mine.gid == os.getegid() and mine.pid == os.getpid()
     assert mine.session == "bus-1.4"
     # The same pid, said to be another uid's by the bus: /proc disagrees, its gid is not used.
-    other = _caller_from(_creds(os.getuid() + 1, os.getpid(), [os.getegid() + 1]), ":1.4")
+    other = _caller_from(
+        _creds(os.getuid() + 1, os.getpid(), [os.getegid() + 1]), ":1.4", _no_agents
+    )
     assert other.gid == os.getegid() + 1

@@ -20,6 +20,43 @@ from aiosd.kernel.syscall_base import BusBinary, NoParams, Result, Syscall
 from aiosd.kernel.syscalls import SYSCALLS
 from aiosd.managers.access import Permission
 
+#: An agent as every agent.* syscall that acts on one returns it (``AgentInfo``).
+#: Members that may be null (``name``, ``pid``, ``ended``, ``exit_code``, ``signal``,
+#: ``tools``) are left out of the ``a{sv}`` when they are: they keep their declared type.
+AGENT_INFO: dict[str, str] = {
+    "aid": "s",
+    "user": "s",
+    "uid": "x",
+    "label": "s",
+    "name": "s",
+    "argv": "as",
+    "cwd": "s",
+    "state": "s",
+    "pid": "x",
+    "backend": "s",
+    "started": "d",
+    "ended": "d",
+    "exit_code": "x",
+    "signal": "s",
+    "reason": "s",
+    "priority": "s",
+    "memory_space": "s",
+    "memory_budget": "x",
+    "tools": "as",
+    "limits": "a{sv}",
+    "limits.memory_max": "x",
+    "limits.tasks_max": "x",
+    "limits.runtime_max": "d",
+    "limits.cpu_weight": "x",
+    "cpu_s": "d",
+    "rss": "x",
+    "max_rss": "x",
+    "tasks": "x",
+    "tokens_in": "x",
+    "tokens_out": "x",
+    "syscalls": "x",
+}
+
 SNAPSHOT: dict[str, dict[str, str]] = {
     "llm.chat": {
         "request_id": "x",
@@ -67,6 +104,9 @@ SNAPSHOT: dict[str, dict[str, str]] = {
         "connections": "x",
         "caller_uid": "x",
         "caller_role": "s",
+        "caller_aid": "s",
+        "agents_backend": "s",
+        "agents_running": "x",
     },
     "system.queue": {
         "models": "aa{sv}",
@@ -234,6 +274,39 @@ SNAPSHOT: dict[str, dict[str, str]] = {
     "memory.clear": {
         "space": "s",
         "removed": "x",
+    },
+    "agent.spawn": AGENT_INFO,
+    "agent.info": AGENT_INFO,
+    "agent.stop": AGENT_INFO,
+    "agent.kill": AGENT_INFO,
+    "agent.suspend": AGENT_INFO,
+    "agent.resume": AGENT_INFO,
+    "agent.wait": {**AGENT_INFO, "ended_in_time": "b"},
+    "agent.list": {"agents": "aa{sv}", **{f"agents[].{k}": t for k, t in AGENT_INFO.items()}},
+    "agent.logs": {
+        "aid": "s",
+        "lines": "aa{sv}",
+        "lines[].time": "d",
+        "lines[].stream": "s",
+        "lines[].text": "s",
+        "followed": "x",
+        "dropped": "x",
+    },
+    "agent.available": {
+        "agents": "aa{sv}",
+        "agents[].name": "s",
+        "agents[].description": "s",
+        "agents[].exec": "as",
+        "agents[].source": "s",
+        "agents[].tools": "as",
+        "agents[].priority": "s",
+        "agents[].memory_budget": "x",
+        "agents[].limits": "a{sv}",
+        "agents[].limits.memory_max": "x",
+        "agents[].limits.tasks_max": "x",
+        "agents[].limits.runtime_max": "d",
+        "agents[].limits.cpu_weight": "x",
+        "problems": "as",
     },
 }
 

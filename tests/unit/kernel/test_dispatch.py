@@ -50,6 +50,9 @@ class _Probe:
             connections=0,
             caller_uid=c.uid,
             caller_role="admin" if c.uid == 0 else "user",
+            caller_aid=c.aid,
+            agents_backend="subprocess",
+            agents_running=0,
         )
 
     async def later(self, p: NoParams, c: Caller, emit: object) -> Result:

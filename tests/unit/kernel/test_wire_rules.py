@@ -101,6 +101,26 @@ VALID: dict[str, dict[str, Any]] = {
     "memory.update": {"id": 1, "content": "x", "tags": ["t"], "pinned": False, "space": "s"},
     "memory.delete": {"id": 1, "space": "s"},
     "memory.clear": {"space": "s", "keep_pinned": False},
+    "agent.spawn": {
+        "argv": ["/bin/sh", "-c", "true"],
+        "cwd": "/tmp",
+        "env": {"COLOUR": "green"},
+        "limits": {"memory_max": 1 << 20, "tasks_max": 8, "runtime_max": 5.0, "cpu_weight": 50},
+        "priority": "batch",
+        "memory_budget": 4096,
+        "tools": ["files.read"],
+        "label": "l",
+        "user": "alice",
+    },
+    "agent.list": {"ended": False},
+    "agent.info": {"aid": "0123456789ab"},
+    "agent.stop": {"aid": "0123456789ab", "timeout": 1.5},
+    "agent.kill": {"aid": "0123456789ab", "signal": "TERM"},
+    "agent.suspend": {"aid": "0123456789ab"},
+    "agent.resume": {"aid": "0123456789ab"},
+    "agent.wait": {"aid": "0123456789ab", "timeout": 2.0},
+    "agent.logs": {"aid": "0123456789ab", "tail": 3, "stream": True},
+    "agent.available": {},
 }
 
 Path = tuple[str | int, ...]

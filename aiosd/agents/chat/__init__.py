@@ -1,0 +1,1 @@
+"""The ``chat`` agent: a conversation with the model that remembers what was said."""
