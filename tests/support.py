@@ -227,6 +227,41 @@ def shared_daemon(prefix: str, slots: int = 1) -> Iterator[Daemon]:
         d.stop()
 
 
+class UserClient:
+    """JSON-RPC over a connection that a process of ``user`` made (bench/peer.py), so the
+    daemon sees that user's credentials from the kernel; errors are raised as AiosError."""
+
+    def __init__(self, user: Any, path: Path, timeout: float = 120.0) -> None:
+        from bench.peer import Peer, identity
+
+        self.peer = Peer(identity(user.name), path)
+        self.sock = self.peer.socket(timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        self.ids = 0
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """One syscall; its result."""
+        from aiosd.errors import error_for_code
+
+        self.ids += 1
+        frame = {"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params or {}}
+        self.sock.sendall(json.dumps(frame).encode() + b"\n")
+        while True:
+            msg = json.loads(self.file.readline())
+            if msg.get("id") == self.ids:
+                break
+        if "error" in msg:
+            e = msg["error"]
+            raise error_for_code(e["code"], e["message"], e.get("data"))
+        return msg["result"]
+
+    def close(self) -> None:
+        """Close the connection; the user's process ends."""
+        self.file.close()
+        self.sock.close()
+        self.peer.close()
+
+
 class RawClient:
     """A line-oriented JSON-RPC client on a plain socket, for protocol tests."""
 

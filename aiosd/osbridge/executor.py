@@ -20,7 +20,6 @@ C between fork and exec: no Python runs in the child of this threaded daemon).
 from __future__ import annotations
 
 import dataclasses
-import grp
 import os
 import pwd
 import shutil
@@ -56,16 +55,6 @@ class UnixAccount:
             raise NotFound(f"uid {uid} has no user account") from None
         groups = tuple(sorted(set(os.getgrouplist(pw.pw_name, pw.pw_gid))))
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir, pw.pw_shell)
-
-    def group_names(self) -> list[str]:
-        """The names of the account's groups (numbers where a group has no name)."""
-        out = []
-        for gid in self.groups:
-            try:
-                out.append(grp.getgrgid(gid).gr_name)
-            except KeyError:
-                out.append(str(gid))
-        return out
 
 
 @dataclasses.dataclass(frozen=True)

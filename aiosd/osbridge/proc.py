@@ -70,15 +70,3 @@ def all_stats() -> list[Stat]:
             if s is not None:
                 out.append(s)
     return out
-
-
-def uid_of(pid: int) -> int | None:
-    """The real uid of a process, or None when there is none."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return None

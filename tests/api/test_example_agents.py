@@ -26,46 +26,17 @@ from typing import Any
 import pytest
 
 import aiosd.sdk.agent as sdk_agent
-from aiosd.errors import Busy, NotFound, error_for_code
+from aiosd.errors import Busy, NotFound
 from aiosd.sdk import Client
 from aiosd.sdk.agent import Agent, keywords, read_text
-from bench.peer import Peer, identity
 from tests.conftest import UnixUser
-from tests.support import Daemon, wait_until, write_config
+from tests.support import Daemon, UserClient, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
 #: How long an agent may take on the model (a few short generations, at ~70-115 tokens/s,
 #: behind whatever else the machine runs).
 AGENT_TIMEOUT = 300
-
-
-class UserClient:
-    """JSON-RPC over a connection that a process of ``user`` made."""
-
-    def __init__(self, user: UnixUser, path: Path) -> None:
-        self.peer = Peer(identity(user.name), path)
-        self.sock = self.peer.socket(timeout=AGENT_TIMEOUT + 60)
-        self.file = self.sock.makefile("rb")
-        self.ids = 0
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        self.ids += 1
-        frame = {"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params or {}}
-        self.sock.sendall(json.dumps(frame).encode() + b"\n")
-        while True:
-            msg = json.loads(self.file.readline())
-            if msg.get("id") == self.ids:
-                break
-        if "error" in msg:
-            e = msg["error"]
-            raise error_for_code(e["code"], e["message"], e.get("data"))
-        return msg["result"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-        self.peer.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +54,7 @@ def daemon() -> Iterator[Daemon]:
 
 @pytest.fixture
 def alice(daemon: Daemon, unix_users: dict[str, UnixUser]) -> Iterator[UserClient]:
-    c = UserClient(unix_users["in"], daemon.socket_path)
+    c = UserClient(unix_users["in"], daemon.socket_path, AGENT_TIMEOUT + 60)
     yield c
     c.close()
 
