@@ -350,22 +350,6 @@ def format_line(line: dict[str, Any], timestamps: bool) -> str:
     return f"{stamp.isoformat(timespec='milliseconds')} {line['text']}"
 
 
-def _key(line: dict[str, Any]) -> tuple[Any, Any, Any]:
-    return (line["time"], line["stream"], line["text"])
-
-
-def missed(
-    lines: Sequence[dict[str, Any]], printed: set[tuple[Any, Any, Any]], floor: float | None
-) -> list[dict[str, Any]]:
-    """Of an ended agent's last lines, those a follow did not print: not in ``printed`` and
-    not older than ``floor`` (None: any)."""
-    return [
-        line
-        for line in lines
-        if _key(line) not in printed and (floor is None or line["time"] >= floor)
-    ]
-
-
 # --- the command line -----------------------------------------------------------------------
 
 
@@ -644,27 +628,10 @@ def _print_line(line: dict[str, Any], timestamps: bool) -> None:
 def follow(client: SyscallClient, aid: str, tail: int, timestamps: bool = False) -> None:
     """Print the agent's last ``tail`` lines, then every new line until it has ended.
 
-    ``agent.logs`` with stream=true gives the lines from before it started following only
-    in its result, after the notifications, and lines written while it starts can be in
-    neither; so the tail is asked first, and once the agent has ended its log is read once
-    more for any line not printed yet (those come last).
+    One ``agent.logs`` call with stream=true: the daemon sends the kept lines, then the new
+    ones, as notifications, each line once and in order.
     """
-    printed: set[tuple[Any, Any, Any]] = set()
-
-    def out(line: dict[str, Any]) -> None:
-        _print_line(line, timestamps)
-        printed.add(_key(line))
-
-    first = client.call("agent.logs", {"aid": aid, "tail": max(tail, 1)})["lines"]
-    shown = first if tail else []
-    for line in shown:
-        out(line)
-    floor: float | None = None
-    if shown:
-        floor = shown[0]["time"]
-    elif first:
-        floor = first[-1]["time"] + 1e-6
-    for note in client.stream("agent.logs", {"aid": aid, "tail": 0, "stream": True}):
+    for note in client.stream("agent.logs", {"aid": aid, "tail": tail, "stream": True}):
         if note.get("dropped"):
             print(
                 f"aiosctl: {note['dropped']} lines of agent {aid}'s output were dropped "
@@ -672,10 +639,12 @@ def follow(client: SyscallClient, aid: str, tail: int, timestamps: bool = False)
                 file=sys.stderr,
             )
             continue
-        out({"time": note.get("time", 0.0), "stream": note.get("stream"), "text": note["content"]})
-    last = client.call("agent.logs", {"aid": aid, "tail": MAX_TAIL})["lines"]
-    for line in missed(last, printed, floor):
-        out(line)
+        line = {
+            "time": note.get("time", 0.0),
+            "stream": note.get("stream"),
+            "text": note["content"],
+        }
+        _print_line(line, timestamps)
 
 
 def agent_logs(client: SyscallClient, args: argparse.Namespace) -> int:

@@ -98,6 +98,56 @@ class LogLine:
         return {"time": round(self.time, 6), "stream": self.stream, "text": self.text}
 
 
+class Follower:
+    """One reader of an agent's lines as they come: it may fall FOLLOW_BUFFER lines behind,
+    beyond which lines are dropped and counted, never blocking the agent or the daemon."""
+
+    def __init__(self) -> None:
+        self.lines: collections.deque[LogLine] = collections.deque()
+        self.dropped = 0
+        self.over = False
+        self.more = asyncio.Event()
+
+    def put(self, line: LogLine) -> None:
+        if len(self.lines) >= FOLLOW_BUFFER:
+            self.dropped += 1
+        else:
+            self.lines.append(line)
+        self.more.set()
+
+    def end(self) -> None:
+        """No more lines will come (the agent's output is closed)."""
+        self.over = True
+        self.more.set()
+
+    async def drain(self) -> AsyncIterator[LogLine | int]:
+        """The lines as they come, until the end; an ``int`` counts lines dropped."""
+        while True:
+            await self.more.wait()
+            self.more.clear()
+            if self.dropped:
+                n, self.dropped = self.dropped, 0
+                yield n
+            while self.lines:
+                yield self.lines.popleft()
+            if self.over and not self.lines:
+                return
+
+
+async def no_lines() -> AsyncIterator[LogLine | int]:
+    """What following an agent that has ended gives: nothing."""
+    return
+    yield  # an async generator
+
+
+def signal_name(sig: int) -> str:
+    """``SIGTERM`` for 15; the number, as text, for a signal Python has no name for."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
 @dataclasses.dataclass
 class Agent:
     """One agent, running or ended: the record the syscalls show."""
@@ -190,7 +240,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def follow(self, agent: Agent) -> AsyncIterator[LogLine | int]:
         """The agent's lines from now on, until it has ended and its output is closed; an
-        ``int`` is a count of lines dropped because the follower fell behind."""
+        ``int`` is a count of lines dropped because the follower fell behind.  The follower
+        is in place when this returns (not when the iterator first runs), so that a caller
+        reading the kept lines afterwards misses none in between."""
 
     @abc.abstractmethod
     async def forget(self, agent: Agent) -> None:
@@ -356,11 +408,8 @@ class SpawnSpec:
 def exit_reason(code: int | None, sig: int | None) -> str:
     """How a process ended, in words."""
     if sig is not None:
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"killed by {name}"
+        name = signal_name(sig)
+        return f"killed by {name if not name.isdigit() else f'signal {name}'}"
     return f"exited with status {code}"
 
 
@@ -609,12 +658,6 @@ class AgentManager:
         if sig in (signal.SIGKILL, signal.SIGTERM) and a.stop_reason is None:
             a.stop_reason = reason
         self.backend.signal(a, sig)
-
-    def kill_now(self, a: Agent, reason: str) -> None:
-        """End the agent at once (a limit it went over): SIGKILL, with the reason it ends."""
-        if a.live:
-            a.stop_reason = reason
-            self.backend.signal(a, signal.SIGKILL)
 
     async def suspend(self, a: Agent) -> Agent:
         if a.state == "running":

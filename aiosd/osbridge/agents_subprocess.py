@@ -37,7 +37,16 @@ from typing import Literal
 
 from aiosd.config import AgentsConfig
 from aiosd.errors import NotSupported
-from aiosd.kernel.agents import FOLLOW_BUFFER, Agent, Backend, Launch, LogLine, Usage, exit_reason
+from aiosd.kernel.agents import (
+    Agent,
+    Backend,
+    Follower,
+    Launch,
+    LogLine,
+    Usage,
+    exit_reason,
+    no_lines,
+)
 from aiosd.osbridge import proc
 from aiosd.osbridge.executor import WRAPPER_FAILED, ProcessLimits, confined_argv
 
@@ -66,27 +75,6 @@ def nice_for(weight: int) -> int:
     return min(19, round(math.log(100 / weight, 1.25)))
 
 
-class _Follower:
-    """One reader of an agent's lines as they come."""
-
-    def __init__(self) -> None:
-        self.lines: collections.deque[LogLine] = collections.deque()
-        self.dropped = 0
-        self.more = asyncio.Event()
-        self.over = False
-
-    def put(self, line: LogLine) -> None:
-        if len(self.lines) >= FOLLOW_BUFFER:
-            self.dropped += 1
-        else:
-            self.lines.append(line)
-        self.more.set()
-
-    def end(self) -> None:
-        self.over = True
-        self.more.set()
-
-
 class _Log:
     """An agent's output: the last log_max_bytes of it on disk, and its followers."""
 
@@ -94,7 +82,7 @@ class _Log:
         self.path = path
         self.old = path.with_suffix(".log.1")
         self.part = max(2048, max_bytes // 2)
-        self.followers: set[_Follower] = set()
+        self.followers: set[Follower] = set()
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
         os.fchmod(self._file.fileno(), 0o600)
         self._size = self._file.tell()
@@ -409,23 +397,18 @@ class SubprocessBackend(Backend):
     async def logs(self, agent: Agent, tail: int) -> list[LogLine]:
         return await asyncio.to_thread(read_log, self.log_dir / f"{agent.aid}.log", tail)
 
-    async def follow(self, agent: Agent) -> AsyncIterator[LogLine | int]:
+    def follow(self, agent: Agent) -> AsyncIterator[LogLine | int]:
         p = self._procs.get(agent.aid)
         if p is None:
-            return
-        f = _Follower()
-        p.log.followers.add(f)
+            return no_lines()
+        f = Follower()
+        p.log.followers.add(f)  # now: the lines written from here on are this follower's
+        return self._following(p, f)
+
+    async def _following(self, p: _Proc, f: Follower) -> AsyncIterator[LogLine | int]:
         try:
-            while True:
-                await f.more.wait()
-                f.more.clear()
-                if f.dropped:
-                    n, f.dropped = f.dropped, 0
-                    yield n
-                while f.lines:
-                    yield f.lines.popleft()
-                if f.over and not f.lines:
-                    return
+            async for item in f.drain():
+                yield item
         finally:
             p.log.followers.discard(f)
 

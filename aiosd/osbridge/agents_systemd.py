@@ -56,7 +56,7 @@ from gi.repository import Gio, GLib
 
 from aiosd.config import AgentsConfig
 from aiosd.errors import BackendUnavailable, InvalidParams, NotSupported
-from aiosd.kernel.agents import FOLLOW_BUFFER, Agent, Backend, Launch, Limits, LogLine, Usage
+from aiosd.kernel.agents import Agent, Backend, Follower, Launch, Limits, LogLine, Usage, no_lines
 from aiosd.osbridge.executor import USER_PATH
 
 log = logging.getLogger(__name__)
@@ -395,24 +395,18 @@ class _Unit:
         self.cgroup = self.cgroup or default_cgroup(self.name)
 
 
-class _Follower:
-    """One reader of an agent's lines as they come: what its journal thread handed over."""
+class _Follower(Follower):
+    """A follower fed by the agent's journal thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.loop = loop
-        self.lines: collections.deque[LogLine] = collections.deque()
-        self.dropped = 0
-        self.over = False
-        self.more = asyncio.Event()
 
     def _put(self, batch: list[LogLine], over: bool) -> None:
         for line in batch:
-            if len(self.lines) >= FOLLOW_BUFFER:
-                self.dropped += 1
-            else:
-                self.lines.append(line)
-        self.over = self.over or over
-        self.more.set()
+            self.put(line)
+        if over:
+            self.end()
 
     def deliver(self, batch: list[LogLine], over: bool) -> None:
         """From the journal thread: hand ``batch`` to the event loop."""
@@ -937,10 +931,12 @@ class SystemdBackend(Backend):
         """The last ``tail`` lines of the agent in the journal (all as "stdout")."""
         return await asyncio.to_thread(read_journal, unit_name(agent.aid), tail)
 
-    async def follow(self, agent: Agent) -> AsyncIterator[LogLine | int]:
+    def follow(self, agent: Agent) -> AsyncIterator[LogLine | int]:
         u = self._units.get(agent.aid)
         if u is None or u.reported:
-            return
+            return no_lines()
+        # The journal's reader starts now: it takes its place at the end of the journal
+        # before the caller reads the kept lines.
         f = _Follower(asyncio.get_running_loop())
         stop = threading.Event()
         thread = threading.Thread(
@@ -950,17 +946,14 @@ class SystemdBackend(Backend):
             daemon=True,
         )
         thread.start()
+        return self._following(f, stop, thread)
+
+    async def _following(
+        self, f: _Follower, stop: threading.Event, thread: threading.Thread
+    ) -> AsyncIterator[LogLine | int]:
         try:
-            while True:
-                await f.more.wait()
-                f.more.clear()
-                if f.dropped:
-                    n, f.dropped = f.dropped, 0
-                    yield n
-                while f.lines:
-                    yield f.lines.popleft()
-                if f.over and not f.lines:
-                    return
+            async for item in f.drain():
+                yield item
         finally:
             stop.set()
             await asyncio.to_thread(thread.join)

@@ -26,7 +26,7 @@ from aiosd.errors import InvalidParams, NotFound, PermissionDenied, QuotaExceede
 from aiosd.sdk import Client
 from bench.peer import Peer, identity
 from tests.conftest import UnixUser, run_as
-from tests.support import Daemon, wait_until, write_config
+from tests.support import Daemon, UserClient, wait_until, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,36 +40,6 @@ s.connect(os.environ["AIOSD_SOCKET"])
 s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"system.status"}\\n')
 print(s.makefile("rb").readline().decode(), end="", flush=True)
 """
-
-
-class UserClient:
-    """JSON-RPC over a connection that a process of ``user`` made."""
-
-    def __init__(self, user: UnixUser, path: Path) -> None:
-        self.peer = Peer(identity(user.name), path)
-        self.sock = self.peer.socket(timeout=120)
-        self.file = self.sock.makefile("rb")
-        self.ids = 0
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        self.ids += 1
-        frame = {"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params or {}}
-        self.sock.sendall(json.dumps(frame).encode() + b"\n")
-        while True:
-            msg = json.loads(self.file.readline())
-            if msg.get("id") == self.ids:
-                break
-        if "error" in msg:
-            from aiosd.errors import error_for_code
-
-            e = msg["error"]
-            raise error_for_code(e["code"], e["message"], e.get("data"))
-        return msg["result"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-        self.peer.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +64,7 @@ def users(daemon: Daemon, unix_users: dict[str, UnixUser]) -> Iterator[Any]:
     opened: list[UserClient] = []
 
     def open_(who: str) -> UserClient:
-        c = UserClient(unix_users[who], daemon.socket_path)
+        c = UserClient(unix_users[who], daemon.socket_path, 120)
         opened.append(c)
         return c
 
@@ -479,6 +449,30 @@ def test_logs_tail_and_follow(daemon: Daemon, unix_users: dict[str, UnixUser]) -
     assert texts == [("stdout", f"line {i}") for i in (1, 2, 3)] + [("stderr", "oops")]
     assert [n["seq"] for n in notes] == [0, 1, 2, 3]
     assert (result["followed"], result["dropped"], result["lines"]) == (4, 0, [])
+
+
+def test_following_gives_the_kept_lines_then_the_new_ones_each_once(
+    daemon: Daemon, users: Any, unix_users: dict[str, UnixUser]
+) -> None:
+    alice = users("in")
+    a = alice.call("agent.spawn", {"argv": ["/bin/sh", "-c", "echo a; sleep 1; echo b"]})
+    _wait_lines(alice, a["aid"], 1)
+    with Peer(identity(unix_users["in"].name), daemon.socket_path) as peer:
+        sock = peer.socket(timeout=60)
+        f = sock.makefile("rb")
+        frame = {"jsonrpc": "2.0", "id": 1, "method": "agent.logs"}
+        frame["params"] = {"aid": a["aid"], "tail": 10, "stream": True}
+        sock.sendall(json.dumps(frame).encode() + b"\n")
+        notes, result = [], None
+        while result is None:
+            msg = json.loads(f.readline())
+            if msg.get("method") == "stream":
+                notes.append(msg["params"])
+            else:
+                result = msg["result"]
+        sock.close()
+    assert [(n["seq"], n["content"]) for n in notes] == [(0, "a"), (1, "b")]
+    assert [x["text"] for x in result["lines"]] == ["a"] and result["followed"] == 1
 
 
 # --- records -----------------------------------------------------------------------------------

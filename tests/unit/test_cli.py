@@ -253,13 +253,3 @@ def test_info_block() -> None:
     assert (fields["Memory limit"], fields["Runtime limit"]) == ("1.0G", "none")
     assert fields["Memory"] == "5.0M (peak 6.0M)"
     assert fields["Tokens"] == "12 in, 34 out"
-
-
-def test_a_follow_prints_the_missed_lines_once() -> None:
-    def line(t: float, text: str) -> dict[str, object]:
-        return {"time": t, "stream": "stdout", "text": text}
-
-    printed = {(2.0, "stdout", "b")}
-    lines = [line(1.0, "a"), line(2.0, "b"), line(3.0, "c")]
-    assert agents.missed(lines, printed, None) == [line(1.0, "a"), line(3.0, "c")]
-    assert agents.missed(lines, printed, 2.0) == [line(3.0, "c")]

@@ -8,13 +8,14 @@ call on it answers NotFound, as for an AID that nobody has.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from aiosd.config import AgentsConfig
 from aiosd.errors import InvalidParams, PermissionDenied
-from aiosd.kernel.agents import Agent, AgentManager, Limits, SpawnSpec
+from aiosd.kernel.agents import Agent, AgentManager, Limits, LogLine, SpawnSpec, signal_name
 from aiosd.kernel.manifests import LimitsParams, Manifest, Manifests
 from aiosd.kernel.scheduler import Priority
 from aiosd.kernel.syscall_base import Emit, Params, Result, syscall
@@ -208,12 +209,6 @@ class AvailableResult(Result):
 
 def info(a: Agent) -> AgentInfo:
     """The record ``a`` as a result."""
-    sig = None
-    if a.signal is not None:
-        try:
-            sig = signal.Signals(a.signal).name
-        except ValueError:
-            sig = str(a.signal)
     return AgentInfo(
         aid=a.aid,
         user=a.user,
@@ -228,7 +223,7 @@ def info(a: Agent) -> AgentInfo:
         started=round(a.started, 6),
         ended=round(a.ended, 6) if a.ended is not None else None,
         exit_code=a.exit_code,
-        signal=sig,
+        signal=signal_name(a.signal) if a.signal is not None else None,
         reason=a.reason,
         priority=a.priority,
         memory_space=a.space(),
@@ -250,6 +245,21 @@ def info(a: Agent) -> AgentInfo:
     )
 
 
+def _line_key(line: LogLine) -> tuple[float, str, str]:
+    """A line as kept on disk (times to the microsecond), to tell one line read twice."""
+    return (round(line.time, 6), line.stream, line.text)
+
+
+def _where(line: LogLine) -> dict[str, Any]:
+    """The members of a line's notification besides ``seq`` and ``content``."""
+    return {"stream": line.stream, "time": round(line.time, 6)}
+
+
+def _who(a: Agent, c: Caller) -> str:
+    """Who acts on ``a``, in the words its reason records."""
+    return "its owner" if c.uid == a.uid else f"an administrator (uid {c.uid})"
+
+
 class AgentSyscalls:
     """Handlers of ``agent.*``: the agent manager, the installed agents, the user directory."""
 
@@ -259,7 +269,7 @@ class AgentSyscalls:
         manifests: Manifests,
         users: UserDirectory,
         access: AccessManager,
-        cfg: Any,
+        cfg: Callable[[], AgentsConfig],
     ) -> None:
         self.agents = agents
         self.manifests = manifests
@@ -287,7 +297,7 @@ class AgentSyscalls:
         return uid
 
     def _limits(self, asked: LimitsParams | None, defaults: LimitsParams, admin: bool) -> Limits:
-        cfg: AgentsConfig = self._cfg()
+        cfg = self._cfg()
         ceilings = {"memory_max": cfg.memory_max, "tasks_max": cfg.tasks_max}
         ceilings_f = {"runtime_max": cfg.runtime_max}
         out: dict[str, Any] = {}
@@ -395,8 +405,7 @@ class AgentSyscalls:
     async def stop(self, p: StopParams, c: Caller, emit: Emit | None) -> Result:
         """``agent.stop``."""
         a = self._get(p.aid, c)
-        who = "its owner" if c.uid == a.uid else f"an administrator (uid {c.uid})"
-        await self.agents.stop(a, p.timeout, f"stopped by {who}")
+        await self.agents.stop(a, p.timeout, f"stopped by {_who(a, c)}")
         return info(self._get(p.aid, c))
 
     @syscall(
@@ -409,8 +418,7 @@ class AgentSyscalls:
     def kill(self, p: KillParams, c: Caller, emit: Emit | None) -> Result:
         """``agent.kill``."""
         a = self._get(p.aid, c)
-        who = "its owner" if c.uid == a.uid else f"an administrator (uid {c.uid})"
-        self.agents.kill(a, signal.Signals[f"SIG{p.signal}"], f"SIG{p.signal} from {who}")
+        self.agents.kill(a, signal.Signals[f"SIG{p.signal}"], f"SIG{p.signal} from {_who(a, c)}")
         return info(a)
 
     @syscall("agent.suspend", AidParams, AgentInfo, Permission.user, "Freeze an agent.")
@@ -448,23 +456,30 @@ class AgentSyscalls:
         """``agent.logs``."""
         a = self._get(p.aid, c)
         backend = self.agents.backend
+        # Following first, then the kept lines: a line written in between is in both (and
+        # sent once), never in neither.
+        following = backend.follow(a) if p.stream and emit is not None and a.live else None
         lines = await backend.logs(a, p.tail) if p.tail else []
+        kept = {_line_key(x) for x in lines}
         followed = dropped = 0
-        if p.stream and emit is not None and a.live:
-            async for item in backend.follow(a):
+        if following is not None:
+            assert emit is not None
+            # The kept lines first, as notifications too: a client that prints notifications
+            # gets every line once, in order.
+            seq = 0
+            for line in lines:
+                await emit({"seq": seq, "content": line.text, **_where(line)})
+                seq += 1
+            async for item in following:
                 if isinstance(item, int):
                     dropped += item
-                    await emit({"seq": followed, "content": "", "dropped": item})
+                    await emit({"seq": seq, "content": "", "dropped": item})
+                elif _line_key(item) not in kept:
+                    await emit({"seq": seq, "content": item.text, **_where(item)})
+                    followed += 1
+                else:
                     continue
-                await emit(
-                    {
-                        "seq": followed,
-                        "content": item.text,
-                        "stream": item.stream,
-                        "time": round(item.time, 6),
-                    }
-                )
-                followed += 1
+                seq += 1
         return LogsResult(
             aid=a.aid,
             lines=[LogLineModel(**line.public()) for line in lines],
