@@ -451,17 +451,13 @@ def test_logs_tail_and_follow(daemon: Daemon, unix_users: dict[str, UnixUser]) -
     assert (result["followed"], result["dropped"], result["lines"]) == (4, 0, [])
 
 
-def test_following_gives_the_kept_lines_then_the_new_ones_each_once(
-    daemon: Daemon, users: Any, unix_users: dict[str, UnixUser]
-) -> None:
-    alice = users("in")
-    a = alice.call("agent.spawn", {"argv": ["/bin/sh", "-c", "echo a; sleep 1; echo b"]})
-    _wait_lines(alice, a["aid"], 1)
-    with Peer(identity(unix_users["in"].name), daemon.socket_path) as peer:
+def _follow(daemon: Daemon, user: UnixUser, aid: str) -> tuple[list[Any], Any]:
+    """``agent.logs`` with stream=true as ``user``: its notifications and its result."""
+    with Peer(identity(user.name), daemon.socket_path) as peer:
         sock = peer.socket(timeout=60)
         f = sock.makefile("rb")
         frame = {"jsonrpc": "2.0", "id": 1, "method": "agent.logs"}
-        frame["params"] = {"aid": a["aid"], "tail": 10, "stream": True}
+        frame["params"] = {"aid": aid, "tail": 10, "stream": True}
         sock.sendall(json.dumps(frame).encode() + b"\n")
         notes, result = [], None
         while result is None:
@@ -471,8 +467,23 @@ def test_following_gives_the_kept_lines_then_the_new_ones_each_once(
             else:
                 result = msg["result"]
         sock.close()
+    return notes, result
+
+
+def test_following_gives_the_kept_lines_then_the_new_ones_each_once(
+    daemon: Daemon, users: Any, unix_users: dict[str, UnixUser]
+) -> None:
+    alice = users("in")
+    a = alice.call("agent.spawn", {"argv": ["/bin/sh", "-c", "echo a; sleep 1; echo b"]})
+    _wait_lines(alice, a["aid"], 1)
+    notes, result = _follow(daemon, unix_users["in"], a["aid"])
     assert [(n["seq"], n["content"]) for n in notes] == [(0, "a"), (1, "b")]
     assert [x["text"] for x in result["lines"]] == ["a"] and result["followed"] == 1
+    # Once it has ended, following gives the kept lines the same way, and ends.
+    alice.call("agent.wait", {"aid": a["aid"], "timeout": 30})
+    notes, result = _follow(daemon, unix_users["in"], a["aid"])
+    assert [(n["seq"], n["content"]) for n in notes] == [(0, "a"), (1, "b")]
+    assert [x["text"] for x in result["lines"]] == ["a", "b"] and result["followed"] == 0
 
 
 # --- records -----------------------------------------------------------------------------------

@@ -458,7 +458,8 @@ class AgentSyscalls:
         backend = self.agents.backend
         # Following first, then the kept lines: a line written in between is in both (and
         # sent once), never in neither.
-        following = backend.follow(a) if p.stream and emit is not None and a.live else None
+        # (Following an agent that has ended gives its kept lines and nothing more.)
+        following = backend.follow(a) if p.stream and emit is not None else None
         lines = await backend.logs(a, p.tail) if p.tail else []
         kept = {_line_key(x) for x in lines}
         followed = dropped = 0
