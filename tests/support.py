@@ -434,3 +434,67 @@ def call_every_syscall(call: Any) -> set[str]:
     do("agent.wait", {**aid, "timeout": 5})
     do("agent.available", {})
     return done
+
+
+class BusSession:
+    """A bus connection opened by ``user``'s own process (bench/peer.py; root's when None), so
+    the bus and the daemon see that user's credentials from the kernel."""
+
+    def __init__(self, bus: PrivateBus, user: Any = None) -> None:
+        from gi.repository import Gio
+
+        from bench.peer import Peer, identity
+
+        self.peer: Peer | None = None
+        if user is None:
+            self.con = Gio.DBusConnection.new_for_address_sync(
+                bus.address,
+                Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
+                | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
+                None,
+                None,
+            )
+        else:
+            self.peer = Peer(identity(user.name), bus.socket, dbus=True)
+            stream = Gio.Socket.new_from_fd(self.peer.fd).connection_factory_create_connection()
+            self.con = Gio.DBusConnection.new_sync(
+                stream, None, Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None
+            )
+        self.con.set_exit_on_close(False)
+
+    def call(self, iface: str, method: str, args: Any = None, path: str | None = None) -> Any:
+        """One call (on the manager object unless ``path``); its reply (GLib.Error if it is an
+        error)."""
+        from aiosd.api.dbus import names
+
+        return self.con.call_sync(
+            names.BUS_NAME, path or names.OBJECT_PATH, iface, method, args, None, 0, 120_000, None
+        )
+
+    def answer(
+        self, iface: str, method: str, args: Any = None, path: str | None = None
+    ) -> tuple[str, str]:
+        """("ok", the reply as text) or (the error's D-Bus name, its message)."""
+        from gi.repository import Gio, GLib
+
+        try:
+            return "ok", self.call(iface, method, args, path).print_(True)
+        except GLib.Error as exc:
+            name = Gio.DBusError.get_remote_error(exc) or ""
+            return name, str(exc.message).removeprefix(f"GDBus.Error:{name}: ")
+
+    def client(self) -> Any:
+        """The SDK's BusClient on this connection."""
+        import pydbus.bus
+
+        from aiosd.sdk.dbus import BusClient
+
+        client = BusClient("unix:path=/unused")
+        client._bus = pydbus.bus.Bus(self.con)
+        return client
+
+    def close(self) -> None:
+        """Close the connection (the peer's process ends too)."""
+        self.con.close_sync(None)
+        if self.peer is not None:
+            self.peer.close()

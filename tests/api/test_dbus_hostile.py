@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pydbus.bus
 import pytest
 from gi.repository import Gio, GLib
 
@@ -24,10 +23,17 @@ from aiosd.api.dbus import names
 from aiosd.errors import ContextTooLong, NotSupported
 from aiosd.kernel.syscall_base import MAX_NESTING
 from aiosd.sdk import Client
-from aiosd.sdk.dbus import BusClient
-from bench.peer import Peer, identity, rss
+from bench.peer import rss
 from tests.conftest import UnixUser
-from tests.support import Daemon, PrivateBus, RawClient, queue_of, wait_until, write_config
+from tests.support import (
+    BusSession,
+    Daemon,
+    PrivateBus,
+    RawClient,
+    queue_of,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -71,74 +77,13 @@ def setup() -> Iterator[Setup]:
         assert code == 0, d.log()
 
 
-class Session:
-    """A bus connection opened by ``user``'s own process (root's when None)."""
-
-    def __init__(self, bus: PrivateBus, user: UnixUser | None) -> None:
-        self.peer: Peer | None = None
-        if user is None:
-            self.con = Gio.DBusConnection.new_for_address_sync(
-                bus.address,
-                Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT
-                | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION,
-                None,
-                None,
-            )
-        else:
-            self.peer = Peer(identity(user.name), bus.socket, dbus=True)
-            stream = Gio.Socket.new_from_fd(self.peer.fd).connection_factory_create_connection()
-            self.con = Gio.DBusConnection.new_sync(
-                stream, None, Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION, None, None
-            )
-        self.con.set_exit_on_close(False)
-
-    def call(
-        self,
-        iface: str,
-        method: str,
-        args: GLib.Variant | None = None,
-        path: str = names.OBJECT_PATH,
-    ) -> GLib.Variant:
-        """One call; its reply (GLib.Error if it is an error)."""
-        reply: GLib.Variant = self.con.call_sync(
-            names.BUS_NAME, path, iface, method, args, None, 0, 120_000, None
-        )
-        return reply
-
-    def answer(
-        self,
-        iface: str,
-        method: str,
-        args: GLib.Variant | None = None,
-        path: str = names.OBJECT_PATH,
-    ) -> tuple[str, str]:
-        """("ok", the reply as text) or (the error's D-Bus name, its message)."""
-        try:
-            return "ok", self.call(iface, method, args, path).print_(True)
-        except GLib.Error as exc:
-            name = Gio.DBusError.get_remote_error(exc) or ""
-            return name, str(exc.message).removeprefix(f"GDBus.Error:{name}: ")
-
-    def client(self) -> BusClient:
-        """The SDK's client on this connection."""
-        client = BusClient("unix:path=/unused")
-        client._bus = pydbus.bus.Bus(self.con)
-        return client
-
-    def close(self) -> None:
-        """Close the connection (the peer's process ends too)."""
-        self.con.close_sync(None)
-        if self.peer is not None:
-            self.peer.close()
-
-
 @pytest.fixture
 def sessions(setup: Setup) -> Iterator[Any]:
-    """``open(user)``: a new Session, closed at the end of the test."""
-    opened: list[Session] = []
+    """``open(user)``: a new BusSession, closed at the end of the test."""
+    opened: list[BusSession] = []
 
-    def open_(user: UnixUser | None) -> Session:
-        s = Session(setup.bus, user)
+    def open_(user: UnixUser | None) -> BusSession:
+        s = BusSession(setup.bus, user)
         opened.append(s)
         return s
 
@@ -148,7 +93,7 @@ def sessions(setup: Setup) -> Iterator[Any]:
 
 
 def _name_owned(bus: PrivateBus) -> bool:
-    s = Session(bus, None)
+    s = BusSession(bus, None)
     try:
         reply = s.con.call_sync(
             "org.freedesktop.DBus",
@@ -166,7 +111,7 @@ def _name_owned(bus: PrivateBus) -> bool:
         s.close()
 
 
-def _start(s: Session, params: dict[str, Any] = LONG) -> str:
+def _start(s: BusSession, params: dict[str, Any] = LONG) -> str:
     """StartChat; the request object's path."""
     messages = [{k: GLib.Variant("s", v) for k, v in m.items()} for m in params["messages"]]
     options = {"max_tokens": GLib.Variant("x", params["max_tokens"])}
@@ -325,7 +270,7 @@ def _raw_metadata(levels: int) -> dict[str, GLib.Variant]:
 
 def _send(bus: PrivateBus, body: GLib.Variant) -> bool:
     """Broadcast a signal with ``body`` from a new connection; whether the bus kept it."""
-    s = Session(bus, None)
+    s = BusSession(bus, None)
     try:
         s.con.emit_signal(None, "/org/aiosd/Test", "org.aiosd.Test", "Deep", body)
         s.con.call_sync(
@@ -497,7 +442,7 @@ def test_calls_in_flight_are_bounded_per_user_with_a_reserve_for_administrators(
     wait_until(lambda: _can_start(first), 60, "the cancelled request's place given back")
 
 
-def _can_start(s: Session) -> bool:
+def _can_start(s: BusSession) -> bool:
     try:
         path = _start(s, {**LONG, "max_tokens": 1})
     except GLib.Error:
@@ -519,7 +464,7 @@ def test_a_client_that_leaves_releases_its_requests_and_their_generations(
             120,
             "an idle model",
         )
-        leaving = Session(setup.bus, unix_users["in"])
+        leaving = BusSession(setup.bus, unix_users["in"])
         for _ in range(PER_USER):
             _start(leaving)
         wait_until(lambda: len(queue_of(raw)["running"]) == 2, 60, "the generations running")
