@@ -145,14 +145,17 @@ def spawn_params(args: argparse.Namespace, cwd: str | None = None) -> dict[str, 
     argv = list(args.argv or [])
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    if args.name is not None and argv:
-        raise UsageError(f"give --name NAME or a command line, not both (got {shlex.join(argv)})")
     if args.name is None and not argv:
         raise UsageError(
             "give the agent to run: --name NAME (an installed agent: 'aiosctl agent "
             "available'), or a command line after --"
         )
-    params: dict[str, Any] = {"name": args.name} if args.name is not None else {"argv": argv}
+    params: dict[str, Any]
+    if args.name is not None:
+        # What follows an installed agent's name are its arguments.
+        params = {"name": args.name, "args": argv} if argv else {"name": args.name}
+    else:
+        params = {"argv": argv}
     if args.cwd is not None:
         params["cwd"] = os.path.normpath(os.path.join(cwd or os.getcwd(), args.cwd))
     if args.env:
@@ -364,13 +367,17 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         "run",
         parents=[common],
         help="start an agent; follow its output and exit with its status",
-        usage="aiosctl agent run [options] (--name NAME | [--] PROGRAM [ARG ...])",
-        description="Start an agent: an installed one (--name) or the command line after --. "
+        usage="aiosctl agent run [options] (--name NAME [--] [ARG ...] | [--] PROGRAM [ARG ...])",
+        description="Start an agent: an installed one (--name, the ARGs added to its own "
+        "command line) or the command line after --. "
         "In the foreground (the default) its output is followed and aiosctl exits with the "
         "agent's exit status (128+N if signal N killed it); Ctrl-C stops it.",
     )
     run.add_argument("-d", "--detach", action="store_true", help="print the AID and return at once")
-    run.add_argument("--name", help="an installed agent (see 'aiosctl agent available')")
+    run.add_argument(
+        "--name",
+        help="an installed agent (see 'aiosctl agent available'); what follows are its arguments",
+    )
     run.add_argument("--cwd", metavar="DIR", help="working directory (default: the owner's home)")
     run.add_argument(
         "-e",

@@ -386,6 +386,8 @@ def test_limits_beyond_the_configured_ones_and_too_many_agents_are_refused(
         alice.call("agent.spawn", {"argv": ["/bin/true"], "limits": {"cpu_weight": 200}})
     with pytest.raises(InvalidParams, match="AIOSD_AGENT_ID"):
         alice.call("agent.spawn", {"argv": ["/bin/true"], "env": {"AIOSD_AGENT_ID": "x"}})
+    with pytest.raises(InvalidParams, match="args go with name"):
+        alice.call("agent.spawn", {"argv": ["/bin/echo"], "args": ["x"]})
     started = []
     try:
         for _ in range(6):

@@ -129,14 +129,13 @@ def test_summarize_stores_one_summary_per_text_file_in_the_owners_storage(
     (folder / "subfolder").mkdir()
 
     t0 = time.monotonic()
-    done, lines = _run(
-        alice, {"name": "summarize", "env": {"SUMMARIZE_DIR": str(folder)}}, "summarize:"
-    )
+    # The folder as its argument: args follow the installed agent's own command line.
+    done, lines = _run(alice, {"name": "summarize", "args": [str(folder)]}, "summarize:")
     took = time.monotonic() - t0
     out, err = _texts(lines, "stdout"), _texts(lines, "stderr")
     assert (done["state"], done["exit_code"]) == ("exited", 0), (done, lines)
     assert (done["user"], done["name"]) == (me.name, "summarize")
-    assert done["argv"] == [sys.executable, "-m", "aiosd.agents.summarize"]
+    assert done["argv"] == [sys.executable, "-m", "aiosd.agents.summarize", str(folder)]
     assert done["priority"] == "batch"  # from its agent.toml
     # One line per file summarised, in name order; a note for each file skipped.
     assert [line.split(":", 1)[0] for line in out] == sorted(texts), lines

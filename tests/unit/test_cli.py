@@ -155,9 +155,11 @@ def test_run_arguments_make_spawn_params() -> None:
     args = _parse("agent", "run", "--user", "alice", "/bin/ls", "-l", "--json")
     assert agents.spawn_params(args) == {"argv": ["/bin/ls", "-l", "--json"], "user": "alice"}
     assert agents.spawn_params(_parse("agent", "run", "--name", "chat")) == {"name": "chat"}
-    for argv in (("agent", "run"), ("agent", "run", "--name", "chat", "--", "/bin/true")):
-        with pytest.raises(UsageError):
-            agents.spawn_params(_parse(*argv))
+    # After an installed agent's name: its arguments.
+    args = _parse("agent", "run", "--name", "summarize", "--", "notes", "-v")
+    assert agents.spawn_params(args) == {"name": "summarize", "args": ["notes", "-v"]}
+    with pytest.raises(UsageError):
+        agents.spawn_params(_parse("agent", "run"))
 
 
 def test_env_key_alone_takes_aiosctls_value() -> None:

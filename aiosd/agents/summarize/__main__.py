@@ -1,8 +1,7 @@
 """Summarise the text files of a folder into the owner's storage, one model call per file.
 
 The folder is ``$SUMMARIZE_DIR`` if set (relative to the working directory), else the first
-argument, else the working directory, so that both ``agent.spawn`` by name (which takes
-``env`` and ``cwd`` but no extra arguments) and a command line can name it.  Only the
+argument (``args`` of ``agent.spawn`` by name), else the working directory.  Only the
 folder's own regular files are read (not its subfolders, nor names starting with ``.``), in
 name order, at most ``$SUMMARIZE_MAX_FILES`` of them and ``$SUMMARIZE_MAX_BYTES`` bytes of
 each.  The agent reads them itself, as its owner: what they may not read is refused by the

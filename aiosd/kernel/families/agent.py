@@ -37,6 +37,8 @@ class SpawnParams(Params):
 
     name: AgentName | None = None
     argv: Annotated[list[Arg], Field(min_length=1, max_length=4096)] | None = None
+    #: Arguments added after an installed agent's own command line (with ``name`` only).
+    args: Annotated[list[Arg], Field(max_length=4096)] | None = None
     cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     env: Annotated[dict[EnvName, Arg], Field(max_length=256)] | None = None
     limits: LimitsParams | None = None
@@ -55,6 +57,8 @@ class SpawnParams(Params):
             raise ValueError("give exactly one of name (an installed agent) and argv")
         if self.argv is not None and not self.argv[0]:
             raise ValueError("argv[0], the program, is empty")
+        if self.args is not None and self.name is None:
+            raise ValueError("args go with name (an installed agent); put them in argv")
         for key in self.env or {}:
             if key.startswith("AIOSD_"):
                 raise ValueError(f"env: {key} is the daemon's to set")
@@ -351,7 +355,7 @@ class AgentSyscalls:
         manifest: Manifest | None = None
         if p.name is not None:
             manifest = await self.manifests.find(account, p.name)
-            argv = manifest.argv()
+            argv = manifest.argv() + list(p.args or [])
         else:
             assert p.argv is not None
             argv = list(p.argv)
