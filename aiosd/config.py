@@ -9,6 +9,7 @@ file, key and reason, and the daemon refuses to start (exit code ``EXIT_CONFIG``
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -167,6 +168,77 @@ class AgentsConfig(_Section):
         return self
 
 
+class McpServerConfig(_Section):
+    """[tools.mcp.NAME]: an MCP server (stdio) whose tools everyone may use, each user
+    running an instance of their own, as themselves."""
+
+    #: The program and its arguments.
+    command: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    #: Environment variables added to the user's clean environment.
+    env: dict[str, str] = {}
+    #: Believe the server's tool annotations (read-only, destructive, ...); otherwise every
+    #: tool of it is taken as destructive and open-world.
+    trusted: bool = False
+
+
+#: Names of MCP servers (they prefix their tools') and the prefixes of the built-in tools.
+MCP_SERVER_NAME = r"^[a-z0-9][a-z0-9_\-]{0,31}$"
+RESERVED_TOOL_PREFIXES = ("fs", "proc", "system", "notify", "storage", "memory", "tool", "llm")
+
+
+class ToolsConfig(_Section):
+    """[tools]: the tool manager: built-in OS-bridge tools, user workers, consent."""
+
+    #: Which calls wait for the user's yes: "destructive" (tools that change or delete
+    #: something), "write" (every tool that is not read-only), or "none".
+    confirm: Literal["destructive", "write", "none"] = "destructive"
+    #: Tools that always ask, whatever the policy and the user's grants (names or globs).
+    always_confirm: list[str] = []
+    #: Tools nobody may use (names or globs): they are not listed and not called.
+    deny: list[str] = []
+    #: Seconds a confirmation request waits for an answer; no answer means no.
+    confirm_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    #: Confirmation requests waiting at once, per user.
+    max_pending_per_user: Annotated[int, Field(ge=1, le=1000)] = 8
+    #: Seconds a tool call may take (a call may ask for less).
+    call_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: Bytes of a tool's result (as JSON) at most.
+    max_output_bytes: Annotated[int, Field(ge=4096, le=64 << 20)] = 256 * 1024
+    #: User workers (processes running a user's tool work as that user): per user, in all,
+    #: and the last places kept for administrators.
+    workers_per_user: Annotated[int, Field(ge=1, le=64)] = 2
+    max_workers: Annotated[int, Field(ge=1, le=10_000)] = 64
+    admin_reserved_workers: Annotated[int, Field(ge=0, le=9_999)] = 4
+    #: Seconds an idle worker (or MCP server) is kept before it is stopped.
+    worker_idle_timeout: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+    #: Seconds an MCP server has to start and list its tools.
+    mcp_start_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    #: MCP servers running at once for one user.
+    max_mcp_servers_per_user: Annotated[int, Field(ge=1, le=256)] = 8
+    #: MCP servers for everyone: [tools.mcp.NAME] tables.
+    mcp: dict[str, McpServerConfig] = {}
+
+    @field_validator("mcp")
+    @classmethod
+    def _server_names(cls, servers: dict[str, McpServerConfig]) -> dict[str, McpServerConfig]:
+        for name in servers:
+            if not re.match(MCP_SERVER_NAME, name) or name in RESERVED_TOOL_PREFIXES:
+                raise ValueError(
+                    f"{name!r}: an MCP server's name is 1-32 of a-z 0-9 _ - (the first a letter "
+                    f"or digit), and none of {', '.join(RESERVED_TOOL_PREFIXES)}"
+                )
+        return servers
+
+    @model_validator(mode="after")
+    def _reserve_leaves_room(self) -> ToolsConfig:
+        if self.admin_reserved_workers >= self.max_workers:
+            raise ValueError(
+                f"admin_reserved_workers ({self.admin_reserved_workers}) must be less than "
+                f"max_workers ({self.max_workers})"
+            )
+        return self
+
+
 class ShutdownConfig(_Section):
     """[shutdown]: seconds allowed for each stop stage."""
 
@@ -240,6 +312,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     memory: MemoryConfig = MemoryConfig()
     agents: AgentsConfig = AgentsConfig()
+    tools: ToolsConfig = ToolsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     llm: LlmConfig = LlmConfig()
 

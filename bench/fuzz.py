@@ -237,6 +237,14 @@ def baselines(share_group: str) -> dict[str, dict[str, Any]]:
         "agent.wait": {"aid": "000000000000", "timeout": 1},
         "agent.logs": {"aid": "000000000000", "tail": 10},
         "agent.available": {},
+        # A tool that runs in the daemon and changes nothing (a mutated name is NotFound).
+        "tool.call": {"name": "system.info", "arguments": {}, "timeout": 5},
+        "tool.list": {},
+        "tool.describe": {"name": "fs.read"},
+        "tool.pending": {},
+        "tool.confirm": {"request": "0123456789abcdef", "allow": False, "remember": "once"},
+        "tool.grants": {},
+        "tool.revoke": {"name": "fs.write"},
     }
     missing = sorted(set(SYSCALLS) - set(out))
     if missing:

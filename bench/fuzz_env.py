@@ -48,7 +48,9 @@ def _traversable(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def setting(workdir: Path, *, storage_quota: int = 128 * 1024 * 1024) -> Iterator[Setting]:
+def setting(
+    workdir: Path, *, storage_quota: int = 128 * 1024 * 1024, extra: str = ""
+) -> Iterator[Setting]:
     """Users, bus and daemon for one scenario; everything started is stopped at the end."""
     _traversable(workdir)
     member = ensure_user(MEMBER, (USER_GROUP,))
@@ -62,6 +64,7 @@ def setting(workdir: Path, *, storage_quota: int = 128 * 1024 * 1024) -> Iterato
             user_group=USER_GROUP,
             dbus_address=bus.address,
             storage_quota=storage_quota,
+            extra=extra,
         )
         argv = [sys.executable, "-m", "aiosd", "--config", str(config)]
         with NotifiedProcess(argv, directory, "aiosd") as daemon:

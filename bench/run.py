@@ -42,6 +42,7 @@ NAMES = (
     "rss",
     "hostile",
     "agents",
+    "tools",
 )
 
 

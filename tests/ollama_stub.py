@@ -2,8 +2,9 @@
 
 It answers ``GET /api/tags`` and ``POST /api/chat`` (streamed as chunked
 ``application/x-ndjson``, or one JSON object with ``"stream": false``), returns a tool call
-when the request offers tools, and a 404 ``{"error": ...}`` body for unknown models.  Every
-request is recorded, and a streamed answer notices when the client drops the connection.
+when the request offers tools (and its last message is not a tool's result), and a 404
+``{"error": ...}`` body for unknown models.  Every request is recorded, and a streamed answer
+notices when the client drops the connection.
 
 Usage::
 
@@ -182,7 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
         prompt_tokens = sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
         tools = body.get("tools") or []
         tool_calls: list[dict[str, Any]] = []
-        if tools:
+        # Like a model that answers once it has a tool's result: a call while none is in.
+        if tools and (messages[-1].get("role") if messages else None) != "tool":
             name = tools[0].get("function", {}).get("name", "")
             tool_calls = [{"function": {"name": name, "arguments": stub.tool_arguments}}]
             pieces: list[str] = []

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aiosd.errors import NotFound
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -433,6 +435,19 @@ def call_every_syscall(call: Any) -> set[str]:
     do("agent.stop", {**aid, "timeout": 1})
     do("agent.wait", {**aid, "timeout": 5})
     do("agent.available", {})
+    # Tools: root's calls run only the tools that run in the daemon (none runs as root).
+    do("tool.list", {})
+    do("tool.describe", {"name": "system.info"})
+    do("tool.call", {"name": "system.info", "arguments": {}})
+    do("tool.pending", {})
+    do("tool.grants", {})
+    do("tool.revoke", {"name": "fs.write"})
+    # No request of root's waits: the handler answers NotFound, through the transport.
+    try:
+        call("tool.confirm", {"request": "0123456789abcdef", "allow": False})
+    except NotFound as exc:
+        assert "no confirmation request '0123456789abcdef'" in exc.message
+        done.add("tool.confirm")
     return done
 
 
@@ -498,3 +513,96 @@ class BusSession:
         self.con.close_sync(None)
         if self.peer is not None:
             self.peer.close()
+
+
+def user_home(user: Any) -> Path:
+    """The home directory of a test user (tests/conftest.py makes it, 0700, theirs)."""
+    import pwd
+
+    return Path(pwd.getpwuid(user.uid).pw_dir)
+
+
+def owned(user: Any, path: Path, text: str | None = None, mode: int = 0o600) -> Path:
+    """A file of ``user``'s holding ``text`` (with text None: a directory of theirs)."""
+    if text is None:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+    else:
+        path.write_text(text)
+        path.chmod(mode)
+    os.chown(path, user.uid, user.gid)
+    return path
+
+
+class Streamed:
+    """A ``tool.call`` with stream=true running on ``c`` (a UserClient) in a thread: the
+    confirmation requests it is sent, and its outcome.  ``c`` is the thread's until then."""
+
+    def __init__(self, c: UserClient, tool: str, **arguments: Any) -> None:
+        self.c = c
+        self.requests: list[dict[str, Any]] = []
+        self.result: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        c.ids += 1
+        self.id = c.ids
+        params = {"name": tool, "arguments": arguments, "stream": True}
+        frame = {"jsonrpc": "2.0", "id": self.id, "method": "tool.call", "params": params}
+        c.sock.sendall(json.dumps(frame).encode() + b"\n")
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            msg = json.loads(self.c.file.readline())
+            if msg.get("method") == "stream" and msg["params"]["id"] == self.id:
+                self.requests.append(msg["params"]["confirm"])
+            elif msg.get("id") == self.id:
+                self.result, self.error = msg.get("result"), msg.get("error")
+                return
+
+    def request(self) -> dict[str, Any]:
+        wait_until(lambda: self.requests, 10, "a confirmation request")
+        return self.requests[0]
+
+    def outcome(self, timeout: float = 30.0) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the call did not end"
+        return self.result, self.error
+
+
+def confirm(c: UserClient, request: str, allow: bool, remember: str = "once") -> Any:
+    """Answer a confirmation request on ``c``."""
+    return c.call("tool.confirm", {"request": request, "allow": allow, "remember": remember})
+
+
+@contextlib.contextmanager
+def module_daemon(prefix: str, extra: str = "", slots: int = 1) -> Iterator[Daemon]:
+    """A daemon for one test module (its socket reachable by the test users), which must
+    stop cleanly at the end."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o755)
+    d = Daemon(directory, write_config(directory, slots=slots, extra=extra))
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@contextlib.contextmanager
+def user_connections(
+    daemon: Daemon, unix_users: dict[str, Any], timeout: float = 120.0
+) -> Iterator[Callable[[str], UserClient]]:
+    """``open(who)``: a new connection made by a process of test user ``who``; all closed
+    at the end."""
+    opened: list[UserClient] = []
+
+    def open_(who: str) -> UserClient:
+        c = UserClient(unix_users[who], daemon.socket_path, timeout)
+        opened.append(c)
+        return c
+
+    try:
+        yield open_
+    finally:
+        for c in opened:
+            c.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosd import __version__
-from aiosd.cli import agents, data
+from aiosd.cli import agents, data, mcp_serve, tools
 from aiosd.cli.data import UsageError
 from aiosd.cli.exits import (
     EXIT_CODES,
@@ -101,12 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--schema", help="JSON schema the answer must follow: inline JSON or @FILE")
     ask.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+    ask.add_argument(
+        "--tools",
+        action="append",
+        metavar="TOOL",
+        help="let the model use this tool, run as you (a name or a glob such as 'fs.*'; "
+        "repeatable; '*': every tool you may use)",
+    )
+    ask.add_argument(
+        "--max-steps", type=int, metavar="N", help="model replies of the tool loop at most (8)"
+    )
     call = sub.add_parser("call", parents=[common], help="make any syscall with JSON params")
     call.add_argument("method", choices=list(SYSCALLS), metavar="SYSCALL")
     call.add_argument("params", nargs="?", default="{}", help="JSON object (default {})")
     ask.add_argument("--session", help="keep the conversation under this name (memory)")
     data.add_parsers(sub, common)
     agents.add_parsers(sub, common)
+    tools.add_parsers(sub, common)
+    mcp_serve.add_parsers(sub, common)
     return ap
 
 
@@ -176,6 +188,10 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
     }
     if args.schema is not None:
         params["response_schema"] = args.schema
+    if args.tools:
+        params["use_tools"] = args.tools
+        if args.max_steps is not None:
+            params["max_steps"] = args.max_steps
     if args.json or args.no_stream:
         result = client.call("llm.chat", params)
         if args.json:
@@ -186,6 +202,10 @@ def cmd_ask(client: SyscallClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     params["stream"] = True
     for note in client.stream("llm.chat", params):
+        if isinstance(note.get("step"), dict):
+            print(tools.format_step(note["step"]), file=sys.stderr)
+        elif isinstance(note.get("confirm"), dict):
+            tools.answer(note["confirm"], args)
         sys.stdout.write(note.get("content", ""))
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -225,6 +245,8 @@ def _check_input(args: argparse.Namespace) -> None:
     """Parse JSON arguments before connecting: usage errors never depend on the daemon."""
     if args.command == "ask" and args.schema is not None:
         args.schema = data.json_object(args.schema, "--schema", from_file=True)
+    if args.command == "ask" and args.max_steps is not None and not args.tools:
+        raise UsageError("--max-steps goes with --tools")
     if args.command == "call":
         args.params = data.json_object(args.params, "params", from_file=True)
     check = getattr(args, "check", None)

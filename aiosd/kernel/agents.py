@@ -508,6 +508,14 @@ class AgentManager:
             a.usage.max_rss = max(a.usage.max_rss, u.max_rss, u.rss)
         return a
 
+    def tools_of(self, aid: str) -> list[str]:
+        """The tools agent ``aid`` may use: its allowed-tools list (no list: any tool).  An
+        AID the manager does not know gets none."""
+        a = self._agents.get(aid)
+        if a is None:
+            return []
+        return ["*"] if a.tools is None else list(a.tools)
+
     def identify(self, pid: int, uid: int) -> str | None:
         """The AID of the live agent the process ``pid`` (of ``uid``, from the kernel) is part
         of, or None.  Nothing the process says counts: only its cgroup or its ancestry."""

@@ -19,17 +19,23 @@ from aiosd.kernel.families.llm import ChatService, LlmSyscalls
 from aiosd.kernel.families.memory import MemorySyscalls
 from aiosd.kernel.families.storage import StorageSyscalls
 from aiosd.kernel.families.system import State, SystemSyscalls
+from aiosd.kernel.families.tool import ToolSyscalls
 from aiosd.kernel.llm.base import Backend
 from aiosd.kernel.llm.registry import Models, build_backend
 from aiosd.kernel.manifests import Manifests
 from aiosd.kernel.scheduler import Scheduler
 from aiosd.kernel.syscall_base import Emit, Syscall
 from aiosd.kernel.syscalls import SYSCALLS
+from aiosd.kernel.toolloop import ToolLoop
+from aiosd.managers import builtin_tools
 from aiosd.managers.access import AccessManager, Caller
 from aiosd.managers.context import ContextManager
+from aiosd.managers.mcp import McpTools
 from aiosd.managers.memory import MemoryManager
 from aiosd.managers.storage import Limits, StorageManager
+from aiosd.managers.tools import ToolManager
 from aiosd.managers.users import UserDirectory
+from aiosd.osbridge.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,19 @@ class Kernel:
             lambda: str(self.config.socket_path()),
         )
         self.manifests = Manifests(config.agents.directories)
+        #: Tools: the registry, user workers, consent.
+        self.tools = ToolManager(
+            lambda: self.config.tools,
+            WorkerPool(lambda: self.config.tools),
+            self.storage,
+            self.access,
+            self._tools_of,
+        )
+        builtin_tools.register(self.tools)
+        #: MCP servers: each user's instances, a source of tools.
+        self.mcp = McpTools(lambda: self.config.tools, self.tools.workers, self.users.account)
+        self.tools.sources = self.mcp.tools
+        self.tools.on_close.append(self.mcp.close)
         self.agents.listeners.append(self._agent_changed)
         self._cleanups: set[asyncio.Task[None]] = set()
         self.state: State = "starting"
@@ -97,13 +116,15 @@ class Kernel:
         self._reloading = asyncio.Lock()
         #: The syscall table this kernel serves.
         self.syscalls: Mapping[str, Syscall] = SYSCALLS if syscalls is None else syscalls
+        chat = ChatService(self.models, self.scheduler, self.context, self.agents)
         self._path = SyscallPath(
             self.access,
             self.syscalls,
             {
                 LlmSyscalls: LlmSyscalls(
-                    ChatService(self.models, self.scheduler, self.context, self.agents),
+                    chat,
                     self.models,
+                    ToolLoop(chat, self.tools, self.users, self._as_caller).run,
                 ),
                 SystemSyscalls: SystemSyscalls(self, self.scheduler, self.models, self.access),
                 StorageSyscalls: StorageSyscalls(
@@ -113,9 +134,20 @@ class Kernel:
                 AgentSyscalls: AgentSyscalls(
                     self.agents, self.manifests, self.users, self.access, lambda: self.config.agents
                 ),
+                ToolSyscalls: ToolSyscalls(self.tools, self.users, self._as_caller),
                 **(families or {}),
             },
         )
+
+    def _tools_of(self, caller: Caller) -> list[str] | None:
+        """The tools the caller's agent may use (None: any; not an agent: any)."""
+        if caller.aid is None:
+            return None
+        return self.agents.tools_of(caller.aid)  # ["*"] when the agent has no list
+
+    async def _as_caller(self, name: str, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """A syscall made for ``caller`` by the daemon itself (a tool that is a syscall)."""
+        return await self.dispatch(name, params, caller)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -223,6 +255,7 @@ class Kernel:
         # still save their work through their syscalls.
         await self.agents.close(self.config.agents.stop_timeout)
         self._set_state("stopping")
+        await _closing(self.tools.close, close_timeout, "stopping tool workers")
         self.scheduler.close()
         pending = {t for t in self._inflight if not t.done()}
         if pending:
@@ -279,7 +312,9 @@ class Kernel:
         return task
 
     async def session_closed(self, caller: Caller) -> None:
-        """A client session ended: its short-term memory goes (pinned entries stay)."""
+        """A client session ended: its short-term memory goes (pinned entries stay), and
+        its tool grants."""
+        self.tools.session_closed(caller)
         if caller.session is not None and self.state != "stopping":
             await self.memory.drop_session(caller.uid, caller.session)
 

@@ -14,9 +14,17 @@ from aiosd.kernel.families.llm import LlmSyscalls
 from aiosd.kernel.families.memory import MemorySyscalls
 from aiosd.kernel.families.storage import StorageSyscalls
 from aiosd.kernel.families.system import SystemSyscalls
+from aiosd.kernel.families.tool import ToolSyscalls
 from aiosd.kernel.syscall_base import Syscall, declared
 
 #: Every family, in the order the table (and so the docs and the bus) lists them.
-FAMILIES = (LlmSyscalls, SystemSyscalls, StorageSyscalls, MemorySyscalls, AgentSyscalls)
+FAMILIES = (
+    LlmSyscalls,
+    SystemSyscalls,
+    StorageSyscalls,
+    MemorySyscalls,
+    AgentSyscalls,
+    ToolSyscalls,
+)
 
 SYSCALLS: MappingProxyType[str, Syscall] = MappingProxyType(declared(*FAMILIES))

@@ -19,6 +19,7 @@ C between fork and exec: no Python runs in the child of this threaded daemon).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import pwd
@@ -136,3 +137,30 @@ def user_environment(
     env.update(extra)
     env.update(fixed)
     return env
+
+
+#: Open files of a user's helper process (tool worker, MCP server) at most.
+HELPER_OPEN_FILES = 1024
+
+
+async def start_piped(
+    account: UnixAccount, argv: list[str], env: dict[str, str], limit: int
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` as ``account`` with pipes on stdin, stdout and stderr: a user's helper
+    process (a tool worker, an MCP server), confined like an agent, in its own session, in
+    ``/`` (it enters the home itself), umask 077; ``limit`` bounds one line read from it.
+    Call it on the event loop's thread: the parent-death signal is tied to the thread that
+    forks.  OSError if it cannot be started."""
+    full = confined_argv(account, "/", ProcessLimits(core=0, open_files=HELPER_OPEN_FILES), argv)
+    return await asyncio.create_subprocess_exec(
+        *full,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd="/",
+        start_new_session=True,
+        close_fds=True,
+        umask=0o077,
+        limit=limit,
+    )

@@ -163,10 +163,14 @@ def test_half_line_then_disconnect_does_not_hurt(daemon: Daemon) -> None:
 
 
 def test_every_syscall_is_reachable_over_the_socket(client: RawClient) -> None:
+    from aiosd.errors import error_for_code
     from aiosd.kernel.syscalls import SYSCALLS
 
     def call(name: str, params: dict[str, Any]) -> Any:
         reply = client.call(name, params, req_id=name)
+        if "error" in reply:  # raised as the SDK would: call_every_syscall expects one
+            e = reply["error"]
+            raise error_for_code(e["code"], e["message"], e.get("data"))
         assert "result" in reply, (name, reply)
         SYSCALLS[name].result.model_validate(reply["result"])
         return reply["result"]

@@ -321,8 +321,9 @@ def test_every_error_is_documented(cls: type[AiosError]) -> None:
 
 #: The members of each streaming syscall's notifications (the socket server adds ``id``).
 STREAM_MEMBERS = {
-    "llm.chat": {"id", "seq", "content", "tool_calls"},
+    "llm.chat": {"id", "seq", "content", "tool_calls", "step", "confirm"},
     "agent.logs": {"id", "seq", "content", "stream", "time", "dropped"},
+    "tool.call": {"id", "confirm"},
 }
 
 

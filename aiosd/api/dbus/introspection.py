@@ -98,6 +98,19 @@ def _build(table: Mapping[str, Syscall]) -> BusMethods:
     return types.MappingProxyType(out)
 
 
+#: ``ConfirmationRequested``'s arguments: the request's id, the tool, its arguments (JSON,
+#: whole), its annotations, the asking agent ("" for none), when the request expires.
+CONFIRMATION_REQUESTED = (
+    ("request", "s"),
+    ("tool", "s"),
+    ("arguments", "s"),
+    ("annotations", "a{sb}"),
+    ("aid", "s"),
+    ("expires", "d"),
+)
+CONFIRMATION_SIGNATURE = "(" + "".join(t for _, t in CONFIRMATION_REQUESTED) + ")"
+
+
 def _arg(name: str, sig: str, direction: str | None = None) -> str:
     d = f" direction={quoteattr(direction)}" if direction else ""
     return f"      <arg name={quoteattr(name)} type={quoteattr(sig)}{d}/>"
@@ -128,6 +141,10 @@ def manager_xml(table: Mapping[str, Syscall] | None = None) -> str:
                     ' value="true"/>'
                 )
                 lines.append("    </property>")
+        if iface == names.FAMILY_INTERFACES["tool"]:
+            lines.append('    <signal name="ConfirmationRequested">')
+            lines.extend(_arg(n, t) for n, t in CONFIRMATION_REQUESTED)
+            lines.append("    </signal>")
         lines.append("  </interface>")
     lines += [
         f"  <interface name={quoteattr(names.OBJECT_MANAGER)}>",

@@ -26,6 +26,7 @@ FAMILY_INTERFACES = {
     "storage": INTERFACE_PREFIX + "Storage",
     "memory": INTERFACE_PREFIX + "Memory",
     "agent": INTERFACE_PREFIX + "Agent",
+    "tool": INTERFACE_PREFIX + "Tool",
 }
 #: The interface of request objects (long operations such as a streaming chat).
 REQUEST_INTERFACE = INTERFACE_PREFIX + "Request"

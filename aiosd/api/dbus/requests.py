@@ -104,9 +104,12 @@ class RequestObject:
         """A streamed piece of the answer (called by the kernel for each notification).
 
         A notification that only counts lines dropped for a slow follower (``agent.logs``)
-        is no piece of the answer: the count arrives in the result (``dropped``).
+        is no piece of the answer: the count arrives in the result (``dropped``); nor is a
+        confirmation request, nor a step of the tool loop (``steps`` of the result).
         """
-        if "dropped" in note:
+        if "dropped" in note or "confirm" in note or "step" in note:
+            # (A confirmation request reaches the caller's connections as the manager's
+            # ConfirmationRequested signal; a tool loop's steps arrive in the result.)
             return
         content = str(note.get("content", ""))
         if "\x00" in content:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import secrets
@@ -50,7 +51,7 @@ import pydbus
 from gi.repository import Gio, GLib
 
 from aiosd import __version__
-from aiosd.api.dbus import agents, names, properties
+from aiosd.api.dbus import agents, introspection, names, properties
 from aiosd.api.dbus.calls import BusCall
 from aiosd.api.dbus.codec import params_from_bus, result_body
 from aiosd.api.dbus.introspection import (
@@ -68,6 +69,7 @@ from aiosd.kernel.agents import Agent
 from aiosd.kernel.kernel import Kernel
 from aiosd.kernel.syscall_base import Emit
 from aiosd.managers.access import Caller, Role
+from aiosd.managers.tools import Pending
 from aiosd.managers.users import process_ids
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ class DBusFrontend:
             if a.live:
                 self.agent_objects.update(a)
         self.kernel.agents.listeners.append(self._agent_changed)
+        self.kernel.tools.on_confirmation.append(self._confirmation)
         try:
             await asyncio.wrap_future(self._in_glib(self._connect))
         except GLib.Error as exc:
@@ -167,6 +170,8 @@ class DBusFrontend:
         self.agent_objects.clear()
 
     def _unlisten(self) -> None:
+        if self._confirmation in self.kernel.tools.on_confirmation:
+            self.kernel.tools.on_confirmation.remove(self._confirmation)
         if self._agent_changed in self.kernel.agents.listeners:
             self.kernel.agents.listeners.remove(self._agent_changed)
 
@@ -621,6 +626,43 @@ class DBusFrontend:
                     con.emit_signal(sender, sig.path, sig.interface, sig.name, sig.args)
                 except GLib.Error as exc:  # the bus went away: nobody to tell
                     log.debug("signal %s.%s not sent: %s", sig.interface, sig.name, exc.message)
+        return False
+
+    # --- confirmation requests (asyncio side, then the GLib thread) ------------------------
+
+    def _confirmation(self, p: Pending) -> None:
+        """The tool manager's listener: a call of ``p.uid``'s waits for their yes.  The
+        request goes to each known connection of that user's (their desktop answers it with
+        ``Tool.Confirm``), and to nobody else: not administrators, never broadcast."""
+        args = GLib.Variant(
+            introspection.CONFIRMATION_SIGNATURE,
+            (
+                p.id,
+                p.tool,
+                json.dumps(p.arguments, ensure_ascii=False),
+                p.annotations,
+                p.aid or "",
+                p.expires,
+            ),
+        )
+        GLib.idle_add(self._send_confirmation, p.uid, args, priority=GLib.PRIORITY_DEFAULT)
+
+    def _send_confirmation(self, uid: int, args: GLib.Variant) -> bool:
+        if not self.connected:
+            return False
+        for sender, c in list(self._callers.items()):
+            if c.uid != uid:
+                continue
+            try:
+                self._bus.con.emit_signal(
+                    sender,
+                    names.OBJECT_PATH,
+                    names.FAMILY_INTERFACES["tool"],
+                    "ConfirmationRequested",
+                    args,
+                )
+            except GLib.Error as exc:  # the bus went away: nobody to tell
+                log.debug("ConfirmationRequested not sent: %s", exc.message)
         return False
 
     # --- properties (asyncio side) --------------------------------------------------------

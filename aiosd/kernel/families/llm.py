@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from aiosd.errors import AiosError, Cancelled
+from aiosd.errors import AiosError, Cancelled, NotSupported
 from aiosd.kernel.agents import AgentManager
 from aiosd.kernel.llm.base import ChatRequest
 from aiosd.kernel.llm.registry import Models
@@ -67,10 +67,38 @@ class ChatParams(Params):
     stream: bool = False
     response_schema: dict[str, Any] | None = None
     tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = None
+    #: Run the tool loop in the daemon with these tools of the tool manager (names or globs
+    #: such as ``fs.*``; ``["*"]``: every tool you may use).
+    use_tools: (
+        Annotated[
+            list[
+                Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.*\-]+$")]
+            ],
+            Field(min_length=1, max_length=128),
+        ]
+        | None
+    ) = None
+    #: Model replies the tool loop asks for at most; the last must be an answer.
+    max_steps: Annotated[int, Field(ge=1, le=32)] = 8
+    #: With tools: "auto" (the model calls a tool or answers), "none" (it must answer).
+    tool_choice: Literal["auto", "none"] = "auto"
     session: (
         Annotated[str, Field(min_length=1, max_length=58, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
         | None
     ) = None
+
+    @model_validator(mode="after")
+    def _one_way_of_tools(self) -> ChatParams:
+        if self.use_tools is not None and self.tools is not None:
+            raise ValueError(
+                "give tools (you run the calls the model makes) or use_tools (the daemon "
+                "runs them), not both"
+            )
+        if self.use_tools is not None and self.session is not None:
+            raise ValueError("use_tools cannot go with session yet: run the loop without one")
+        if self.use_tools is not None and self.response_schema is not None:
+            raise ValueError("use_tools cannot go with response_schema")
+        return self
 
 
 class SessionInfo(BaseModel):
@@ -96,6 +124,22 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class Step(BaseModel):
+    """One step of the tool loop: a call the model made, and what running it gave."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: The model reply (0, 1, ...) that made the call.
+    reply: int
+    tool: str
+    arguments: dict[str, Any]
+    ok: bool
+    output: dict[str, Any] | None = None
+    #: Why it gave no output: the tool failed (kind, message, ...), or the daemon refused
+    #: the call (kind "refused": an unknown tool, bad arguments, no consent).
+    error: dict[str, Any] | None = None
+    elapsed_ms: float
+
+
 class ChatResult(Result):
     """Result of ``llm.chat``."""
 
@@ -107,6 +151,8 @@ class ChatResult(Result):
     timings: Timings
     session: SessionInfo | None = None
     notes: list[str] = Field(default_factory=list)
+    #: The tool loop's trace (with use_tools): every call, in order.
+    steps: list[Step] | None = None
 
 
 class ModelEntry(BaseModel):
@@ -172,6 +218,7 @@ class ChatService:
                 seed=p.seed,
                 response_schema=p.response_schema,
                 tools=tools,
+                tool_choice=p.tool_choice,
                 reserve=reserve,
             )
 
@@ -259,9 +306,16 @@ class ChatService:
 class LlmSyscalls:
     """Handlers of ``llm.*``: they need the chat service and the model registry only."""
 
-    def __init__(self, chat: ChatService, models: Models) -> None:
+    def __init__(
+        self,
+        chat: ChatService,
+        models: Models,
+        tool_loop: Callable[[ChatParams, Caller, Emit | None], Awaitable[ChatResult]] | None = None,
+    ) -> None:
         self.chat_service = chat
         self.models = models
+        #: Runs llm.chat with use_tools (kernel/toolloop.py).
+        self.tool_loop = tool_loop
 
     @syscall(
         "llm.chat",
@@ -273,6 +327,10 @@ class LlmSyscalls:
     )
     async def chat(self, p: ChatParams, c: Caller, emit: Emit | None) -> Result:
         """``llm.chat``."""
+        if p.use_tools is not None:
+            if self.tool_loop is None:
+                raise NotSupported("this daemon runs no tool loop (no tool manager)")
+            return await self.tool_loop(p, c, emit if p.stream else None)
         return await self.chat_service.chat(p, c, emit if p.stream else None)
 
     @syscall("llm.models", NoParams, ModelsResult, Permission.user, "List the configured models.")

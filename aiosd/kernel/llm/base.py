@@ -22,6 +22,8 @@ class ChatRequest:
     seed: int | None = None
     response_schema: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    #: With tools: "auto" (a call or an answer), "none" (an answer: no call).
+    tool_choice: str = "auto"
     #: Tokens the prompt must leave free for the answer (0: refuse only a prompt that alone
     #: does not fit).  Chat sessions use it to fit their history.
     reserve: int = 0

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from aiosd.config import LlamaCppModelConfig
-from aiosd.errors import BackendUnavailable, ContextTooLong, InvalidParams, NotSupported
+from aiosd.errors import BackendUnavailable, ContextTooLong, InvalidParams
+from aiosd.kernel.llm import tool_grammar
 from aiosd.kernel.llm.base import Backend, ChatChunk, ChatRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Prepared:
     grammar: Any
     temperature: float
     seed: int | None
+    #: The reply is a tool call or an answer, as JSON (kernel/llm/tool_grammar.py).
+    tools: bool = False
 
 
 class LlamaCppBackend(Backend):
@@ -177,10 +180,6 @@ class LlamaCppBackend(Backend):
 
     async def prepare(self, request: ChatRequest) -> Prepared:
         """Format and tokenize the prompt, refusing one that does not fit the context."""
-        if request.tools:
-            raise NotSupported(
-                f"model {self.name!r} (llamacpp) does not take tools yet; use an ollama model"
-            )
         self._refuse_surely_too_long(request)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._prepare, request)
@@ -207,7 +206,23 @@ class LlamaCppBackend(Backend):
 
     def _prepare(self, request: ChatRequest) -> Prepared:
         grammar = None
-        if request.response_schema is not None:
+        if request.tools and request.response_schema is not None:
+            raise InvalidParams(
+                "invalid params: tools and response_schema cannot go together on model "
+                f"{self.name!r} (llamacpp): a reply is either a tool call or an answer"
+            )
+        if request.tools:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            try:
+                text = tool_grammar.grammar(request.tools, request.tool_choice == "none")
+                grammar = LlamaGrammar.from_string(text, verbose=False)
+            except tool_grammar.Unsupported as exc:
+                raise InvalidParams(
+                    f"invalid params: tools: a schema model {self.name!r} (llamacpp) cannot "
+                    f"constrain its replies to: {exc}"
+                ) from None
+        elif request.response_schema is not None:
             from llama_cpp.llama_grammar import LlamaGrammar
 
             try:
@@ -218,7 +233,12 @@ class LlamaCppBackend(Backend):
                 raise InvalidParams(
                     f"invalid params: response_schema: cannot be used as a grammar: {exc}"
                 ) from None
-        messages = [{"role": m["role"], "content": m.get("content", "")} for m in request.messages]
+        if request.tools:
+            messages = tool_grammar.messages_for(request.messages, request.tools)
+        else:
+            messages = [
+                {"role": m["role"], "content": m.get("content", "")} for m in request.messages
+            ]
         formatted = self._formatter(messages=messages)
         tokens = self._vocab.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
@@ -242,6 +262,7 @@ class LlamaCppBackend(Backend):
             grammar=grammar,
             temperature=request.temperature,
             seed=request.seed,
+            tools=bool(request.tools),
         )
 
     async def chat(self, request: Any, slot: int) -> AsyncGenerator[ChatChunk, None]:
@@ -269,11 +290,23 @@ class LlamaCppBackend(Backend):
         future = loop.run_in_executor(self._slot_threads[slot], work)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
+        held: list[str] = []  # a tool-mode reply is JSON: read whole, then told apart
         try:
             while True:
                 kind, value = await queue.get()
-                if kind == "text":
+                if kind == "text" and prepared.tools:
+                    held.append(value)
+                elif kind == "text":
                     yield ChatChunk(content=value)
+                elif kind == "done" and prepared.tools:
+                    reply = tool_grammar.parse("".join(held))
+                    if isinstance(reply, tuple):
+                        value.tool_calls = [{"name": reply[0], "arguments": reply[1]}]
+                        if value.finish_reason == "stop":
+                            value.finish_reason = "tool_calls"
+                    elif reply:
+                        yield ChatChunk(content=reply)
+                    yield value
                 elif kind == "done":
                     yield value
                 elif kind == "error":

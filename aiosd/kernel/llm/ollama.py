@@ -186,7 +186,7 @@ class OllamaBackend(Backend):
             "stream": True,
             "options": options,
         }
-        if request.tools:
+        if request.tools and request.tool_choice != "none":
             # Sent as given: the JSON schema of each tool reaches the server unchanged.
             body["tools"] = [to_ollama_tool(t) for t in request.tools]
         if request.response_schema:

@@ -57,6 +57,16 @@ AGENT_INFO: dict[str, str] = {
     "syscalls": "x",
 }
 
+TOOL_INFO = {
+    "name": "s",
+    "description": "s",
+    "parameters": "a{sv}",
+    "annotations": "a{sb}",
+    "source": "s",
+    "runs_as": "s",
+    "needs_confirmation": "b",
+}
+
 SNAPSHOT: dict[str, dict[str, str]] = {
     "llm.chat": {
         "request_id": "x",
@@ -81,6 +91,14 @@ SNAPSHOT: dict[str, dict[str, str]] = {
         "session.replayed": "x",
         "session.moved": "x",
         "notes": "as",
+        "steps": "aa{sv}",
+        "steps[].reply": "x",
+        "steps[].tool": "s",
+        "steps[].arguments": "a{sv}",
+        "steps[].ok": "b",
+        "steps[].output": "a{sv}",
+        "steps[].error": "a{sv}",
+        "steps[].elapsed_ms": "d",
     },
     "llm.models": {
         "default": "s",
@@ -308,6 +326,26 @@ SNAPSHOT: dict[str, dict[str, str]] = {
         "agents[].limits.cpu_weight": "x",
         "problems": "as",
     },
+    "tool.list": {
+        "tools": "aa{sv}",
+        **{f"tools[].{k}": t for k, t in TOOL_INFO.items()},
+        "problems": "as",
+    },
+    "tool.describe": TOOL_INFO,
+    "tool.call": {"tool": "s", "ok": "b", "output": "a{sv}", "error": "a{sv}", "elapsed_ms": "d"},
+    "tool.pending": {
+        "requests": "aa{sv}",
+        "requests[].id": "s",
+        "requests[].tool": "s",
+        "requests[].arguments": "a{sv}",
+        "requests[].annotations": "a{sb}",
+        "requests[].aid": "s",
+        "requests[].created": "d",
+        "requests[].expires": "d",
+    },
+    "tool.confirm": {"request": "s", "tool": "s", "allowed": "b", "remember": "s"},
+    "tool.grants": {"always": "as", "session": "as"},
+    "tool.revoke": {"revoked": "as"},
 }
 
 

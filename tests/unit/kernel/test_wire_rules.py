@@ -121,6 +121,13 @@ VALID: dict[str, dict[str, Any]] = {
     "agent.wait": {"aid": "0123456789ab", "timeout": 2.0},
     "agent.logs": {"aid": "0123456789ab", "tail": 3, "stream": True},
     "agent.available": {},
+    "tool.list": {},
+    "tool.describe": {"name": "fs.read"},
+    "tool.call": {"name": "fs.read", "arguments": {"path": "~/notes", "max_bytes": 100}},
+    "tool.pending": {},
+    "tool.confirm": {"request": "0123456789abcdef", "allow": True, "remember": "session"},
+    "tool.grants": {},
+    "tool.revoke": {"name": "fs.write"},
 }
 
 Path = tuple[str | int, ...]

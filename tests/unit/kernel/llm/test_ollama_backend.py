@@ -120,6 +120,7 @@ def test_tool_calls_come_back_as_name_and_arguments(stub: OllamaStub) -> None:
         {"role": "user", "content": "Weather?"},
         {"role": "assistant", "content": "", "tool_calls": [{"name": "clock", "arguments": {}}]},
         {"role": "tool", "content": "12:00", "tool_name": "clock"},
+        {"role": "user", "content": "And in Paris?"},  # (the stub calls a tool for this turn)
     ]
     request = ChatRequest(messages=messages, tools=tools)
     chunks = run(make_backend(stub.url), lambda b: collect(b, request))
