@@ -36,6 +36,7 @@ from aiosd.kernel.syscall_base import Emit
 from aiosd.managers.access import Caller
 from aiosd.managers.tools import Pending, ToolManager, matches
 from aiosd.managers.users import UserDirectory
+from aiosd.osbridge.executor import AccountRef
 
 #: Characters of one tool result the model is given back at most (the trace keeps it all).
 RESULT_CHARS = 2000
@@ -78,7 +79,7 @@ class ToolLoop:
             )
             for t in chosen
         ]
-        account = await self.users.account(caller.uid)
+        account = AccountRef(caller.uid, self.users.account)
         seq = 0
 
         async def send(note: dict[str, Any]) -> None:

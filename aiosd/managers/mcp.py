@@ -29,7 +29,7 @@ from typing import Any
 from aiosd.config import MCP_SERVER_NAME, RESERVED_TOOL_PREFIXES, ToolsConfig
 from aiosd.managers.access import Caller
 from aiosd.managers.tools import Annotations, Context, Tool, ToolFailure
-from aiosd.osbridge.executor import UnixAccount
+from aiosd.osbridge.executor import AccountRef
 from aiosd.osbridge.mcp_client import McpFailed, McpServer, ServerSpec
 from aiosd.osbridge.workers import WorkerFailed, WorkerPool
 
@@ -113,7 +113,7 @@ class McpTools:
         self._starting: dict[tuple[int, str], asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
 
-    async def _specs(self, account: UnixAccount) -> tuple[list[ServerSpec], list[str]]:
+    async def _specs(self, account: AccountRef) -> tuple[list[ServerSpec], list[str]]:
         """The servers ``account`` has: the system's and their own; problems found."""
         cfg = self._cfg()
         problems: list[str] = []
@@ -161,7 +161,7 @@ class McpTools:
                 )
         return specs, problems
 
-    async def _server(self, spec: ServerSpec, account: UnixAccount) -> McpServer:
+    async def _server(self, spec: ServerSpec, account: AccountRef) -> McpServer:
         """The running instance of ``spec`` for ``account`` (started if it is not)."""
         key = (account.uid, spec.name)
         lock = self._starting.setdefault(key, asyncio.Lock())
@@ -179,7 +179,7 @@ class McpTools:
                 raise McpFailed(
                     f"you already run {mine} MCP servers (tools.max_mcp_servers_per_user)"
                 )
-            server = McpServer(spec, account)
+            server = McpServer(spec, await account.get())
             await server.start(cfg.mcp_start_timeout)
             server.last_used = time.monotonic()
             self._servers[key] = server
@@ -198,7 +198,7 @@ class McpTools:
         return listed
 
     async def _list(self, caller: Caller) -> tuple[list[Tool], list[str]]:
-        account: UnixAccount = await self._account_of(caller.uid)
+        account = AccountRef(caller.uid, self._account_of)
         specs, problems = await self._specs(account)
         out: list[Tool] = []
         for spec in specs:

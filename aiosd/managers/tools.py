@@ -43,7 +43,7 @@ from aiosd.config import ToolsConfig
 from aiosd.errors import Busy, InvalidParams, NotFound, PermissionDenied
 from aiosd.managers.access import AccessManager, Caller, Role
 from aiosd.managers.storage import StorageManager
-from aiosd.osbridge.executor import UnixAccount
+from aiosd.osbridge.executor import AccountRef
 from aiosd.osbridge.workers import WorkerFailed, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Context:
     """One call of a tool: for whom, with what rights, within what time."""
 
     caller: Caller
-    account: UnixAccount
+    account: AccountRef
     admin: bool
     timeout: float
     workers: WorkerPool
@@ -96,10 +96,10 @@ class Context:
             e = reply["error"]
             if e.get("kind") == "os":
                 where = f"{e['path']}: " if e.get("path") else ""
+                name = (await self.account.get()).name
                 raise ToolFailure(
                     "os",
-                    f"{where}{e['message']} ({e['code']}): the kernel refused it for "
-                    f"{self.account.name}"
+                    f"{where}{e['message']} ({e['code']}): the kernel refused it for {name}"
                     if e.get("code") in ("EACCES", "EPERM")
                     else f"{where}{e['message']} ({e['code']})",
                     errno=e.get("errno"),
@@ -107,7 +107,7 @@ class Context:
                     path=e.get("path"),
                 )
             if e.get("kind") == "internal":
-                log.warning("tool worker of %s failed at %s: %s", self.account.name, op, e)
+                log.warning("tool worker of uid %d failed at %s: %s", self.account.uid, op, e)
             raise ToolFailure(str(e.get("kind", "tool")), str(e.get("message", "")))
         result: dict[str, Any] = reply["result"]
         return result
@@ -331,7 +331,7 @@ class ToolManager:
     async def call(
         self,
         caller: Caller,
-        account: UnixAccount,
+        account: AccountRef,
         name: str,
         arguments: dict[str, Any],
         *,

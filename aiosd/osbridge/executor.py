@@ -24,6 +24,7 @@ import dataclasses
 import os
 import pwd
 import shutil
+from collections.abc import Awaitable, Callable
 
 from aiosd.errors import InvalidParams, NotFound
 
@@ -137,6 +138,23 @@ def user_environment(
     env.update(extra)
     env.update(fixed)
     return env
+
+
+class AccountRef:
+    """A user known by uid whose account (an NSS look-up: name, home, groups) is looked up
+    only when something needs it (starting a process as them), once per reference: a call
+    that a warm worker serves makes no look-up at all."""
+
+    def __init__(self, uid: int, lookup: Callable[[int], Awaitable[UnixAccount]]) -> None:
+        self.uid = uid
+        self._lookup = lookup
+        self._account: UnixAccount | None = None
+
+    async def get(self) -> UnixAccount:
+        """The account (looked up the first time)."""
+        if self._account is None:
+            self._account = await self._lookup(self.uid)
+        return self._account
 
 
 #: Open files of a user's helper process (tool worker, MCP server) at most.

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiosd.config import ToolsConfig
 from aiosd.errors import BackendUnavailable, Busy
-from aiosd.osbridge.executor import UnixAccount, start_piped, user_environment
+from aiosd.osbridge.executor import AccountRef, UnixAccount, start_piped, user_environment
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class WorkerPool:
     # --- calls ----------------------------------------------------------------------------------
 
     async def call(
-        self, account: UnixAccount, admin: bool, op: str, args: dict[str, Any], timeout: float
+        self, account: AccountRef, admin: bool, op: str, args: dict[str, Any], timeout: float
     ) -> dict[str, Any]:
         """Run ``op`` in one of ``account``'s workers: the worker's answer (``result`` or
         ``error``).  WorkerFailed if the worker failed; Busy if no place frees in time."""
@@ -192,7 +192,7 @@ class WorkerPool:
         finally:
             await self._give_back(worker)
 
-    async def _take(self, account: UnixAccount, admin: bool, deadline: float) -> Worker:
+    async def _take(self, account: AccountRef, admin: bool, deadline: float) -> Worker:
         uid = account.uid
         async with self._freed:
             while True:
@@ -224,7 +224,7 @@ class WorkerPool:
                         await self._freed.wait()
             self._starting[uid] = self._starting.get(uid, 0) + 1
         try:
-            w = await self._start(account, deadline)
+            w = await self._start(await account.get(), deadline)
         finally:
             async with self._freed:
                 self._starting[uid] -= 1

@@ -188,3 +188,34 @@ def test_logs_come_from_the_journal_and_own_calls_are_the_agents(daemon: None) -
     # journald has them as the unit's: the daemon read them from there, not from a file.
     journal = ok("journalctl", "-u", f"aiosd-agent-{aid}.service", "-o", "cat", "--no-pager")
     assert "first line" in journal and "last line" in journal
+
+
+def test_tools_run_as_the_user_under_the_unit(daemon: None) -> None:
+    """The tool workers are children of the sandboxed service: setpriv works within its
+    CapabilityBoundingSet= and SystemCallFilter=, and the kernel still decides."""
+    home = Path(pwd.getpwnam(USER).pw_dir)
+    listed = alice("--json", "tool", "call", "fs.list", "path=~", "hidden=true")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["output"]["path"] == str(home)
+    denied = alice("tool", "call", "fs.read", "path=/etc/shadow")
+    assert denied.returncode != 0 and "Permission denied (EACCES)" in denied.stderr
+    # ProtectHome=read-only: the service's children see homes read-only (docs/tools.md).
+    wrote = alice("tool", "call", "-y", "fs.write", "path=~/from-a-tool.txt", "content=x")
+    assert wrote.returncode != 0 and "(EROFS)" in wrote.stderr, wrote.stderr
+    uid = pwd.getpwnam(USER).pw_uid
+    workers = [
+        p for p in Path("/proc").iterdir()
+        if p.name.isdigit() and b"aiosd.osbridge.worker" in _cmdline(p)
+    ]  # fmt: skip
+    assert workers, "no tool worker is running"
+    for p in workers:
+        status = (p / "status").read_text()
+        assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status
+        assert "NoNewPrivs:\t1" in status
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""

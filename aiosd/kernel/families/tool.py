@@ -17,6 +17,7 @@ from aiosd.kernel.syscall_base import Emit, Params, Result, syscall
 from aiosd.managers.access import Caller, Permission
 from aiosd.managers.tools import Pending, Tool, ToolManager
 from aiosd.managers.users import UserDirectory
+from aiosd.osbridge.executor import AccountRef
 
 ToolName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+$")]
 RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
@@ -175,7 +176,7 @@ class ToolSyscalls:
     )
     async def call(self, p: CallParams, c: Caller, emit: Emit | None) -> Result:
         """``tool.call``."""
-        account = await self.users.account(c.uid)
+        account = AccountRef(c.uid, self.users.account)
 
         async def ask(pending: Pending) -> None:
             if emit is not None and p.stream:
