@@ -2,12 +2,14 @@
 
 Run as ``python tests/mcp_server.py``.  Its tools tell who runs them and what they can do:
 ``whoami`` (the process's ids), ``echo``, ``read_file`` (as the server's user), ``write_note``
-(a destructive one), ``fail`` (always an error result), ``crash`` (the process exits).
+(a destructive one), ``fail`` (always an error result), ``sleep``, ``crash`` (the process
+exits).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from mcp.server.fastmcp import FastMCP
@@ -52,6 +54,13 @@ def write_note(path: str, text: str) -> str:
 def fail() -> str:
     """Always fails."""
     raise ValueError("this tool always fails")
+
+
+@server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+def sleep(seconds: float) -> str:
+    """Answer after a while."""
+    time.sleep(seconds)
+    return "awake"
 
 
 @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes of a server's stderr kept for the message when it fails.
 STDERR_KEPT = 4096
+#: The code of the error the SDK raises when a request's read timeout passes (HTTP's 408).
+REQUEST_TIMEOUT = 408
 #: Bytes of one message from a server at most.
 LINE_LIMIT = 16 << 20
 
@@ -224,6 +226,9 @@ class McpServer:
             code = getattr(getattr(exc, "error", None), "code", None)
             if not self.alive or code == types.CONNECTION_CLOSED:
                 raise await self._failure(exc) from None
+            if code == REQUEST_TIMEOUT:  # the SDK's own read timeout: as ours
+                await self.close()
+                raise McpFailed(f"no answer within {timeout:g} s: stopped") from None
             # An MCP error (for instance the server's refusal of the arguments).
             message = getattr(getattr(exc, "error", None), "message", None) or str(exc)
             raise McpFailed(f"it answered with an error: {message}") from None

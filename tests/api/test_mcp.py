@@ -308,3 +308,15 @@ def test_a_server_that_cannot_start_is_a_clear_problem(
     quits = [p for p in problems if p.startswith("MCP server quits (user): ")]
     assert gone and "it ended (status 127)" in gone[0], problems
     assert quits == ["MCP server quits (user): it ended (status 4) (it said: not today)"], problems
+
+
+def test_timeouts_and_the_output_cap(users: Any) -> None:
+    alice = users("in")
+    slow = alice.call(
+        "tool.call", {"name": "trusted.sleep", "arguments": {"seconds": 30}, "timeout": 1}
+    )
+    assert not slow["ok"] and "no answer within 1 s: stopped" in slow["error"]["message"], slow
+    assert text_of(call(alice, "trusted.echo", text="again")) == "again"  # started anew
+    big = call(alice, "trusted.echo", text="x", times=300_000)
+    assert not big["ok"] and big["error"]["kind"] == "output", big
+    assert "over tools.max_output_bytes (262144)" in big["error"]["message"]
