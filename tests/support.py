@@ -606,3 +606,27 @@ def user_connections(
     finally:
         for c in opened:
             c.close()
+
+
+def loop_over_ollama(
+    user: Any, stub_url: str, prompt: str, use_tools: list[str], prefix: str, extra: str = ""
+) -> dict[str, Any]:
+    """One ``llm.chat`` with ``use_tools`` by ``user``, on a daemon of its own whose model
+    ``remote`` is the Ollama stub at ``stub_url``: its result."""
+    from tests.ollama_stub import STUB_MODEL
+
+    model = (
+        f'[llm.models.remote]\nbackend = "ollama"\nhost = "{stub_url}"\nmodel = "{STUB_MODEL}"\n'
+    )
+    with module_daemon(prefix, model + extra) as d:
+        c = UserClient(user, d.socket_path, 120)
+        try:
+            params = {
+                "model": "remote",
+                "messages": [{"role": "user", "content": prompt}],
+                "use_tools": use_tools,
+            }
+            result: dict[str, Any] = c.call("llm.chat", params)
+            return result
+        finally:
+            c.close()

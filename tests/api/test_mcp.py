@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,11 @@ from tests.support import (
     Streamed,
     UserClient,
     confirm,
+    loop_over_ollama,
     module_daemon,
     owned,
     user_connections,
     user_home,
-    write_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -198,31 +197,13 @@ def test_a_users_own_servers_are_hers(users: Any, unix_users: dict[str, UnixUser
 
 
 def test_the_tool_loop_calls_an_mcp_tool(unix_users: dict[str, UnixUser]) -> None:
-    from tests.ollama_stub import STUB_MODEL, OllamaStub
+    from tests.ollama_stub import OllamaStub
 
-    directory = Path(tempfile.mkdtemp(prefix="aiosd-mcp-loop-"))
-    directory.chmod(0o755)
+    mcp = f"[tools.mcp.trusted]\ncommand = {_toml_list(SERVER)}\ntrusted = true\n"
     with OllamaStub(reply="It said hello.", tool_arguments={"text": "hello"}) as stub:
-        extra = (
-            f'[llm.models.remote]\nbackend = "ollama"\nhost = "{stub.url}"\n'
-            f'model = "{STUB_MODEL}"\n\n'
-            f"[tools.mcp.trusted]\ncommand = {_toml_list(SERVER)}\ntrusted = true\n"
+        r = loop_over_ollama(
+            unix_users["in"], stub.url, "Echo hello.", ["trusted.echo"], "aiosd-mcp-loop-", mcp
         )
-        d = Daemon(directory, write_config(directory, slots=1, extra=extra))
-        try:
-            d.wait_ready()
-            alice = UserClient(unix_users["in"], d.socket_path, 120)
-            r = alice.call(
-                "llm.chat",
-                {
-                    "model": "remote",
-                    "messages": [{"role": "user", "content": "Echo hello."}],
-                    "use_tools": ["trusted.echo"],
-                },
-            )
-            alice.close()
-        finally:
-            assert d.stop() == 0, d.log()
     [step] = r["steps"]
     assert step["tool"] == "trusted.echo" and step["ok"], step
     assert step["output"]["content"] == [{"type": "text", "text": "hello"}]

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +27,12 @@ from tests.support import (
     Streamed,
     UserClient,
     confirm,
+    loop_over_ollama,
     module_daemon,
     owned,
     user_connections,
     user_home,
     wait_until,
-    write_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -458,31 +457,12 @@ def test_the_tool_loop_makes_only_schema_valid_calls(users: Any) -> None:
 def test_the_tool_loop_over_ollama_uses_native_tool_calls(
     unix_users: dict[str, UnixUser], alice_dir: Path
 ) -> None:
-    from tests.ollama_stub import STUB_MODEL, OllamaStub
+    from tests.ollama_stub import OllamaStub
 
     owned(unix_users["in"], alice_dir / "seen-by-ollama.txt", "x")
-    directory = Path(tempfile.mkdtemp(prefix="aiosd-tools-ollama-"))
-    directory.chmod(0o755)
     with OllamaStub(reply="You have one file.", tool_arguments={"path": str(alice_dir)}) as stub:
-        extra = (
-            f'[llm.models.remote]\nbackend = "ollama"\nhost = "{stub.url}"\n'
-            f'model = "{STUB_MODEL}"\n'
-        )
-        d = Daemon(directory, write_config(directory, slots=1, extra=extra))
-        try:
-            d.wait_ready()
-            alice = UserClient(unix_users["in"], d.socket_path, 60)
-            r = alice.call(
-                "llm.chat",
-                {
-                    "model": "remote",
-                    "messages": [{"role": "user", "content": "What is in my folder?"}],
-                    "use_tools": ["fs.list"],
-                },
-            )
-            alice.close()
-        finally:
-            assert d.stop() == 0, d.log()
+        prompt = "What is in my folder?"
+        r = loop_over_ollama(unix_users["in"], stub.url, prompt, ["fs.list"], "aiosd-tools-ol-")
     [step] = r["steps"]
     assert (step["tool"], step["ok"], step["reply"]) == ("fs.list", True, 0), step
     assert [e["name"] for e in step["output"]["entries"]] == ["seen-by-ollama.txt"]
