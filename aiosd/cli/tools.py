@@ -67,11 +67,19 @@ def format_request(p: dict[str, Any]) -> str:
 
 
 def _ask(p: dict[str, Any]) -> tuple[bool, str]:
-    with open("/dev/tty", "r+", encoding="utf-8") as tty:
-        tty.write(format_request(p) + "\nAllow? [y/N/s(ession)/a(lways)] ")
-        tty.flush()
-        reply = tty.readline().strip().lower()
-    return ANSWERS.get(reply, (False, "once"))
+    """Ask on the controlling terminal (unbuffered: a terminal cannot seek, so no text-mode
+    read-write file); Ctrl-D, or a reply that is none of ANSWERS, is no."""
+    fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    with os.fdopen(fd, "r+b", buffering=0) as tty:
+        prompt = format_request(p) + "\nAllow? [y/N/s(ession)/a(lways)] "
+        tty.write(prompt.encode())
+        reply = b""
+        while not reply.endswith(b"\n"):
+            ch = tty.read(1)
+            if not ch:
+                break
+            reply += ch
+    return ANSWERS.get(reply.decode(errors="replace").strip().lower(), (False, "once"))
 
 
 def _interactive() -> bool:

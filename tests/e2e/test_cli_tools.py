@@ -145,3 +145,54 @@ def test_ask_with_tools_shows_each_step(ctl: Ctl) -> None:
     usage = ctl("ask", "--max-steps", "2", "hi")
     assert usage.returncode == EXIT_USAGE and "--max-steps goes with --tools" in usage.stderr
     assert os.cpu_count()  # (the answer's text is the model's: not checked)
+
+
+def test_on_a_terminal_it_asks_y_n_with_the_whole_arguments(ctl: Ctl, folder: Path) -> None:
+    """aiosctl on a terminal of its own (script(1) makes one), as alice: the prompt shows the
+    tool and its arguments; "y" lets the call run, and a second call answered "n" does not."""
+    import select
+
+    def on_a_terminal(answer: str, target: Path) -> tuple[int, str]:
+        cmd = " ".join(
+            [sys.executable, "-m", "aiosd.cli", "--socket", ctl.socket, "tool", "call",
+             "fs.write", f"path={target}", "content='typed at a terminal'"]
+        )  # fmt: skip
+        p = ctl_popen_script(ctl, cmd)
+        assert p.stdin is not None and p.stdout is not None
+        seen = b""
+        while b"Allow? [y/N/s(ession)/a(lways)]" not in seen:
+            ready, _, _ = select.select([p.stdout], [], [], 30)
+            assert ready, f"no prompt: {seen!r}"
+            chunk = os.read(p.stdout.fileno(), 4096)
+            assert chunk, f"ended before the prompt: {seen!r}"
+            seen += chunk
+        p.stdin.write(answer + "\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=60)
+        return p.returncode, (seen + out.encode()).decode(errors="replace")
+
+    code, shown = on_a_terminal("y", folder / "tty.txt")
+    assert code == 0, shown
+    assert "fs.write (destructive) wants to run with:" in shown
+    assert '"content": "typed at a terminal"' in shown and str(folder / "tty.txt") in shown
+    assert (folder / "tty.txt").read_text() == "typed at a terminal"
+    code, shown = on_a_terminal("n", folder / "refused.txt")
+    assert code != 0 and "you declined" in shown
+    assert not (folder / "refused.txt").exists()
+
+
+def ctl_popen_script(ctl: Ctl, command: str) -> subprocess.Popen[str]:
+    """``command`` as alice inside script(1), which gives it a terminal of its own."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(user_home(ctl.user)), "LANG": "C.UTF-8"}
+    return subprocess.Popen(
+        ["/usr/bin/script", "-qec", command, "/dev/null"],
+        user=ctl.user.uid,
+        group=ctl.user.gid,
+        extra_groups=ctl.user.groups,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
