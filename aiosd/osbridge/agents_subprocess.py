@@ -255,6 +255,7 @@ class SubprocessBackend(Backend):
         loop.add_reader(p.pidfd, self._main_ended, p)
         if self._watch is None or self._watch.done():  # only while agents run: no idle wake-ups
             self._watch = loop.create_task(self._watching())
+        await _past_setpriv(p.pid, argv[0])
         return p.pid
 
     # --- ending -------------------------------------------------------------------------------
@@ -424,6 +425,34 @@ class SubprocessBackend(Backend):
                 await self._watch
         if self._endings:
             await asyncio.gather(*self._endings, return_exceptions=True)
+
+
+#: How long launch waits for the agent to have left setpriv (it does in about a millisecond).
+SETPRIV_WAIT = 5.0
+
+
+async def _past_setpriv(pid: int, wrapper: str) -> None:
+    """Wait until ``pid`` no longer runs ``wrapper`` (setpriv), or has ended.
+
+    setpriv sets the parent-death signal before it executes the next program; until then a
+    daemon that dies leaves the agent running with no one to end it.  So an agent counts as
+    started, and agent.spawn answers, only once setpriv is behind it.
+    """
+    want = wrapper.encode()
+    deadline = time.monotonic() + SETPRIV_WAIT
+    delay = 0.0005
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                first = f.read().split(b"\0", 1)[0]
+            st = proc.stat(pid)
+        except OSError:
+            return
+        if first != want or st is None or st.state in ("Z", "X"):
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    log.warning("agent process %d still runs %s after %.0f s", pid, wrapper, SETPRIV_WAIT)
 
 
 def _tasks_of(uid: int) -> int:
