@@ -83,7 +83,6 @@ class Context:
     workers: WorkerPool
     #: Runs a syscall as the caller (storage and memory tools).
     syscall: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
-    max_output: int
 
     async def in_worker(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Run ``op`` in the caller's worker, as the caller: its result, or ToolFailure."""
@@ -278,7 +277,6 @@ class ToolManager:
         )
         #: Run when the manager closes (the MCP servers stop).
         self.on_close: list[Callable[[], Awaitable[None]]] = []
-        self.calls = 0
 
     # --- the registry -----------------------------------------------------------------------
 
@@ -366,9 +364,7 @@ class ToolManager:
             timeout=min(timeout or cfg.call_timeout, cfg.call_timeout),
             workers=self.workers,
             syscall=syscall,
-            max_output=cfg.max_output_bytes,
         )
-        self.calls += 1
         t0 = time.perf_counter()
         out: dict[str, Any] = {"tool": name}
         try:

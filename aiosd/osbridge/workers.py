@@ -161,7 +161,6 @@ class WorkerPool:
         self._starting: dict[int, int] = {}
         self._freed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
-        self.started = 0
         self.closed = False
 
     # --- counts ---------------------------------------------------------------------------------
@@ -171,10 +170,6 @@ class WorkerPool:
         if uid is not None:
             return len(self._by_uid.get(uid, ())) + self._starting.get(uid, 0)
         return sum(len(w) for w in self._by_uid.values()) + sum(self._starting.values())
-
-    def workers(self, uid: int) -> list[Worker]:
-        """The running workers of ``uid``."""
-        return list(self._by_uid.get(uid, ()))
 
     # --- calls ----------------------------------------------------------------------------------
 
@@ -283,7 +278,6 @@ class WorkerPool:
                 f"cannot start a tool worker for {account.name}: {exc.strerror}"
             ) from None
         w = Worker(account, proc)
-        self.started += 1
         try:
             who = await w.request(
                 "worker.whoami", {}, min(START_TIMEOUT, max(0.5, deadline - time.monotonic()))

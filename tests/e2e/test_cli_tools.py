@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,19 +49,26 @@ class Ctl:
         self.socket = str(daemon.socket_path)
         self.user = user
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def spawn(self, argv: list[str], **io: Any) -> subprocess.Popen[str]:
+        """``argv`` as alice (uid, gid, groups) with a clean environment, in the repository."""
         env = {"PATH": "/usr/bin:/bin", "HOME": str(user_home(self.user)), "LANG": "C.UTF-8"}
         return subprocess.Popen(
-            [sys.executable, "-m", "aiosd.cli", "--socket", self.socket, *args],
+            argv,
             user=self.user.uid,
             group=self.user.gid,
             extra_groups=self.user.groups,
             cwd=REPO,
             env=env,
+            text=True,
+            **io,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return self.spawn(
+            [sys.executable, "-m", "aiosd.cli", "--socket", self.socket, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
             start_new_session=True,  # no controlling terminal: nothing to ask on
         )
 
@@ -183,16 +191,9 @@ def test_on_a_terminal_it_asks_y_n_with_the_whole_arguments(ctl: Ctl, folder: Pa
 
 def ctl_popen_script(ctl: Ctl, command: str) -> subprocess.Popen[str]:
     """``command`` as alice inside script(1), which gives it a terminal of its own."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(user_home(ctl.user)), "LANG": "C.UTF-8"}
-    return subprocess.Popen(
+    return ctl.spawn(
         ["/usr/bin/script", "-qec", command, "/dev/null"],
-        user=ctl.user.uid,
-        group=ctl.user.gid,
-        extra_groups=ctl.user.groups,
-        cwd=REPO,
-        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )

@@ -55,7 +55,7 @@ def _digits(a: str, b: str) -> list[str]:
     """Alternatives matching every decimal of ``a``..``b`` (same length, ``a`` <= ``b``)."""
     n = len(a)
     if a == b:
-        return [_lit_digits(a)]
+        return [f'"{a}"']
     if a[1:] == "0" * (n - 1) and b[1:] == "9" * (n - 1):
         return [f"[{a[0]}-{b[0]}]" + " [0-9]" * (n - 1)]
     if a[0] == b[0]:
@@ -66,10 +66,6 @@ def _digits(a: str, b: str) -> list[str]:
         out.append(f"[{lo}-{hi}]" + " [0-9]" * (n - 1))
     out += [f'"{b[0]}" ' + x for x in _digits("0" * (n - 1), b[1:])]
     return out
-
-
-def _lit_digits(s: str) -> str:
-    return f'"{s}"'
 
 
 def int_range(lo: int, hi: int) -> str:
